@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerates src/gen/ from protos/ with ts-proto through the npm `protoc` package (no downloads).
+# The output is committed, so installing and building never need this step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf src/gen
+mkdir -p src/gen
+protoc="node_modules/.bin/protoc"
+"$protoc" -I protos \
+  --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
+  --ts_proto_out=src/gen \
+  --ts_proto_opt=outputServices=grpc-js,env=node,esModuleInterop=true,importSuffix=.js,forceLong=bigint,useOptionals=messages,annotateFilesWithVersion=false,useDate=false \
+  $(cd protos && find . -name "*.proto" | sed "s|^./||" | sort)
+# ts-proto's header says "DO NOT EDIT"; say how to regenerate too.
+for f in $(find src/gen -name '*.ts'); do
+  printf '// Generated from protos/ by `npm run gen` (scripts/gen-protos.sh). Do not edit.\n%s\n' "$(cat "$f")" > "$f"
+done
