@@ -1,0 +1,98 @@
+import { Artifact } from '../gen/buildstream/v2/artifact.js';
+import { Source } from '../gen/buildstream/v2/source.js';
+import { Directory } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
+import { MirrorError, errorMessage } from '../errors.js';
+import { type Digest, type WireDigest, digestKey, fromWire, isEmptyDigest } from './digest.js';
+
+/** What a name needs besides its own digest: whole Directory trees and single blobs. */
+export interface Roots {
+  readonly directories: Digest[];
+  readonly blobs: Digest[];
+}
+
+/** The file and subdirectory digests one Directory refers to. */
+export interface DirectoryChildren {
+  readonly files: Digest[];
+  readonly directories: Digest[];
+}
+
+export function parseDirectory(data: Uint8Array, digest: Digest): DirectoryChildren {
+  let dir: Directory;
+  try {
+    dir = Directory.decode(data);
+  } catch (err) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a Directory: ${errorMessage(err)}`, { cause: err });
+  }
+  const where = `Directory ${digestKey(digest)}`;
+  return {
+    files: dir.files.map((f) => fromWire(f.digest, `${where} file '${f.name}'`)),
+    directories: dir.directories.map((d) => fromWire(d.digest, `${where} directory '${d.name}'`)),
+  };
+}
+
+function optional(d: WireDigest | undefined, what: string): Digest | undefined {
+  if (d === undefined) return undefined;
+  const digest = fromWire(d, what);
+  // BuildStream leaves empty hashes unset or zero; neither needs fetching.
+  return isEmptyDigest(digest) ? undefined : digest;
+}
+
+/**
+ * The closure of a BuildStream 2.x Artifact proto: `files`, `public_data`, the logs and the
+ * low/high diversity metadata; with `withBuildtrees` also the buildtree, sources, buildroot and
+ * sandbox subtrees, which BuildStream only needs for `pull-buildtrees`.
+ */
+export function artifactRoots(data: Uint8Array, digest: Digest, withBuildtrees: boolean): Roots {
+  let artifact: Artifact;
+  try {
+    artifact = Artifact.decode(data);
+  } catch (err) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a BuildStream Artifact: ${errorMessage(err)}`, { cause: err });
+  }
+  const where = `Artifact ${digestKey(digest)}`;
+  const directories = [optional(artifact.files, `${where} files`)];
+  const blobs = [
+    optional(artifact.publicData, `${where} public_data`),
+    optional(artifact.lowDiversityMeta, `${where} low_diversity_meta`),
+    optional(artifact.highDiversityMeta, `${where} high_diversity_meta`),
+    ...artifact.logs.map((l) => optional(l.digest, `${where} log '${l.name}'`)),
+  ];
+  if (withBuildtrees) {
+    directories.push(
+      optional(artifact.buildtree, `${where} buildtree`),
+      optional(artifact.sources, `${where} sources`),
+      optional(artifact.buildroot, `${where} buildroot`),
+      ...(artifact.buildsandbox?.subsandboxDigests ?? []).map((d) => optional(d, `${where} subsandbox`)),
+    );
+  }
+  return { directories: present(directories), blobs: present(blobs) };
+}
+
+/** The closure of a BuildStream 2.x Source proto: its `files` tree. */
+export function sourceRoots(data: Uint8Array, digest: Digest): Roots {
+  let source: Source;
+  try {
+    source = Source.decode(data);
+  } catch (err) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a BuildStream Source: ${errorMessage(err)}`, { cause: err });
+  }
+  return { directories: present([optional(source.files, `Source ${digestKey(digest)} files`)]), blobs: [] };
+}
+
+function present(ds: (Digest | undefined)[]): Digest[] {
+  return ds.filter((d): d is Digest => d !== undefined);
+}
+
+/** Removes duplicate digests, keeping the first of each. */
+export function uniqueDigests(ds: Iterable<Digest>): Digest[] {
+  const seen = new Set<string>();
+  const out: Digest[] = [];
+  for (const d of ds) {
+    const key = `${d.hash}/${d.sizeBytes}`;
+    if (!seen.has(key)) {
+      seen.add(key);
+      out.push(d);
+    }
+  }
+  return out;
+}

@@ -1,0 +1,62 @@
+import type { Readable } from 'node:stream';
+import type { Digest } from './digest.js';
+
+export interface ByteRange {
+  /** First byte to return, 0 <= offset <= size. */
+  readonly offset: number;
+  /** Most bytes to return; undefined means to the end. */
+  readonly limit?: number | undefined;
+}
+
+/** A stored blob being read: its bytes, and a promise that settles once they were checked. */
+export interface BlobReader {
+  /**
+   * The bytes, streamed. When the whole blob is read the content is rehashed as it streams; a
+   * mismatch destroys the stream with MirrorError('BLOB_CORRUPT') instead of ending it, so a
+   * reader never sees a clean end of bad data.
+   */
+  readonly stream: Readable;
+}
+
+/** Where a name came from and what it needs. */
+export interface NameRecord {
+  /** What the name points to: a Directory (refs, single sources) or a blob (Artifact/Source proto). */
+  readonly type: 'directory' | 'blob';
+  readonly digest: Digest;
+  /** Blobs the name needs besides `digest` (logs, metadata, public data). */
+  readonly referencedBlobs: readonly Digest[];
+  /** Directory trees the name needs besides `digest`. */
+  readonly referencedDirectories: readonly Digest[];
+  /** The upstream it was mirrored from. */
+  readonly upstream: string;
+  /** When it was mirrored (ms since the epoch). */
+  readonly fetchedAt: number;
+}
+
+/**
+ * Content-addressed blob storage with a name index, the one seam between transports and storage.
+ * Safe for concurrent use within one process. Blobs are verified (SHA-256 and size) before they
+ * become visible; the empty blob is always present.
+ */
+export interface ContentStore {
+  /** The digests in `digests` that are not stored, in order, duplicates kept. */
+  findMissing(digests: readonly Digest[]): Promise<Digest[]>;
+  /** A blob's bytes, or undefined when it is not stored (never throws for a miss). */
+  read(digest: Digest, range?: ByteRange): Promise<BlobReader | undefined>;
+  /**
+   * A small blob's whole content, verified against its digest; undefined when not stored.
+   * Throws MirrorError('BLOB_CORRUPT') when the stored object no longer matches (and forgets it).
+   */
+  readBytes(digest: Digest): Promise<Buffer | undefined>;
+  /** Stores a blob. Throws MirrorError('DIGEST_MISMATCH') and stores nothing if content does not match. */
+  write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void>;
+  /** Stores several small blobs with one index update; each is verified as by write(). */
+  writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void>;
+
+  /** The record of a name (by canonical URN), or undefined. */
+  getName(urn: string): Promise<NameRecord | undefined>;
+  /** Records a name. Callers must have stored the name's whole closure first. */
+  putName(urn: string, record: NameRecord): Promise<void>;
+  deleteName(urn: string): Promise<void>;
+  names(): AsyncIterable<[string, NameRecord]>;
+}

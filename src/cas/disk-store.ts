@@ -1,0 +1,389 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable, Transform, type TransformCallback } from 'node:stream';
+import { Level } from 'level';
+import type { Logger } from 'pino';
+import { MirrorError, errorMessage } from '../errors.js';
+import type { BlobReader, ByteRange, ContentStore, NameRecord } from './content-store.js';
+import { type Digest, digestKey, isEmptyDigest, parseDigestKey } from './digest.js';
+
+/** How a name record is kept in LevelDB (digests as `hash/size` strings). */
+interface StoredName {
+  type: 'directory' | 'blob';
+  digest: string;
+  blobs: string[];
+  directories: string[];
+  upstream: string;
+  fetchedAt: number;
+}
+
+/** A blob's index entry: its size and the last time (unix seconds) it was written or read. */
+export interface BlobEntry {
+  readonly hash: string;
+  readonly sizeBytes: number;
+  readonly lastAccess: number;
+}
+
+const TOUCH_FLUSH_MS = 30_000;
+const TOUCH_FLUSH_COUNT = 10_000;
+
+/**
+ * The mirror's store: blobs as files under `<dir>/cas/objects/<2 hex>/<62 hex>` (the layout
+ * BuildStream's own caches use) and a LevelDB index under `<dir>/index` that records which blobs
+ * are complete and which names exist. A blob is visible only once it is in the index, and it is
+ * put there only after its file was verified, fsynced and renamed into place.
+ */
+export class DiskContentStore implements ContentStore {
+  readonly dir: string;
+  private readonly db: Level<string, string>;
+  private readonly blobs;
+  private readonly nameIndex;
+  private readonly log: Logger;
+  private readonly tmpDir: string;
+  private readonly objectsDir: string;
+  private readonly createdDirs = new Set<string>();
+  /** Last-access updates not yet written: hash -> size. Batched so reads cost no index write. */
+  private pendingTouches = new Map<string, number>();
+  private touchTimer: NodeJS.Timeout | undefined;
+
+  private constructor(dir: string, db: Level<string, string>, log: Logger) {
+    this.dir = dir;
+    this.db = db;
+    this.blobs = db.sublevel<string, string>('blobs', { valueEncoding: 'utf8' });
+    this.nameIndex = db.sublevel<string, StoredName>('names', { valueEncoding: 'json' });
+    this.log = log;
+    this.tmpDir = join(dir, 'tmp');
+    this.objectsDir = join(dir, 'cas', 'objects');
+  }
+
+  /** Opens (creating if needed) the store in `dir`. Only one process may have a store open. */
+  static async open(dir: string, log: Logger): Promise<DiskContentStore> {
+    try {
+      await mkdir(join(dir, 'cas', 'objects'), { recursive: true });
+    } catch (err) {
+      throw new MirrorError('CONFIG_INVALID', `cannot create the data directory ${dir}: ${errorMessage(err)}`, { cause: err });
+    }
+    const db = new Level<string, string>(join(dir, 'index'), { valueEncoding: 'utf8' });
+    try {
+      await db.open();
+    } catch (err) {
+      if (isLockedError(err)) {
+        throw new MirrorError('STORE_LOCKED', `the store in ${dir} is in use by another bst-cache-mirror process (its LevelDB index is locked)`, { cause: err });
+      }
+      throw new MirrorError('CONFIG_INVALID', `cannot open the index in ${join(dir, 'index')}: ${errorMessage(err)}`, { cause: err });
+    }
+    const store = new DiskContentStore(dir, db, log);
+    // Only the index holder writes temp files, so anything left there is from a crash.
+    await rm(store.tmpDir, { recursive: true, force: true });
+    await mkdir(store.tmpDir, { recursive: true });
+    return store;
+  }
+
+  async close(): Promise<void> {
+    if (this.touchTimer) clearTimeout(this.touchTimer);
+    this.touchTimer = undefined;
+    await this.flushTouches();
+    await this.db.close();
+  }
+
+  objectPath(digest: Digest): string {
+    return join(this.objectsDir, digest.hash.slice(0, 2), digest.hash.slice(2));
+  }
+
+  async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
+    if (digests.length === 0) return [];
+    const sizes = await this.blobs.getMany(digests.map((d) => d.hash));
+    const missing: Digest[] = [];
+    digests.forEach((d, i) => {
+      if (isEmptyDigest(d)) return;
+      const entry = sizes[i];
+      if (entry === undefined || entrySize(entry) !== d.sizeBytes) missing.push(d);
+    });
+    return missing;
+  }
+
+  private async isIndexed(digest: Digest): Promise<boolean> {
+    const entry = await this.blobs.get(digest.hash);
+    return entry !== undefined && entrySize(entry) === digest.sizeBytes;
+  }
+
+  async read(digest: Digest, range: ByteRange = { offset: 0 }): Promise<BlobReader | undefined> {
+    if (isEmptyDigest(digest)) return { stream: Readable.from([]) };
+    if (!(await this.isIndexed(digest))) return undefined;
+    const path = this.objectPath(digest);
+    let fh;
+    try {
+      fh = await open(path, 'r');
+    } catch (err) {
+      if (isErrno(err, 'ENOENT')) {
+        await this.forget(digest, 'its object file is missing');
+        return undefined;
+      }
+      throw err;
+    }
+    const { size } = await fh.stat();
+    if (size !== digest.sizeBytes) {
+      await fh.close();
+      await this.forget(digest, `its object file has ${size} bytes instead of ${digest.sizeBytes}`);
+      return undefined;
+    }
+    this.touch(digest);
+    const end = range.limit === undefined ? digest.sizeBytes : Math.min(digest.sizeBytes, range.offset + range.limit);
+    if (end <= range.offset) {
+      await fh.close();
+      return { stream: Readable.from([]) };
+    }
+    const stream = fh.createReadStream({ start: range.offset, end: end - 1, highWaterMark: 1 << 20 });
+    if (range.offset !== 0 || end !== digest.sizeBytes) return { stream };
+    // A whole-blob read can be checked as it streams: bit rot must not be served as valid.
+    const verifying = new VerifyingTransform(digest, () => this.forget(digest, 'its content no longer matches its digest'));
+    // Errors and early cancellation must cross the pipe both ways, or the file stays open.
+    stream.on('error', (err) => verifying.destroy(err));
+    verifying.on('close', () => stream.destroy());
+    return { stream: stream.pipe(verifying) };
+  }
+
+  async readBytes(digest: Digest): Promise<Buffer | undefined> {
+    if (isEmptyDigest(digest)) return Buffer.alloc(0);
+    if (!(await this.isIndexed(digest))) return undefined;
+    let data: Buffer;
+    try {
+      data = await readFile(this.objectPath(digest));
+    } catch (err) {
+      if (isErrno(err, 'ENOENT')) {
+        await this.forget(digest, 'its object file is missing');
+        return undefined;
+      }
+      throw err;
+    }
+    if (data.byteLength !== digest.sizeBytes || createHash('sha256').update(data).digest('hex') !== digest.hash) {
+      await this.forget(digest, 'its content no longer matches its digest');
+      throw new MirrorError('BLOB_CORRUPT', `stored blob ${digestKey(digest)} is corrupt and was removed; run 'bst-cache-mirror verify --repair' and sync again`);
+    }
+    this.touch(digest);
+    return data;
+  }
+
+  async write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void> {
+    if (isEmptyDigest(digest)) {
+      if (data instanceof Uint8Array && data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
+      return;
+    }
+    const tmp = await this.writeTemp(digest, data instanceof Uint8Array ? [data] : data);
+    await this.commit([{ digest, tmp }]);
+  }
+
+  async writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void> {
+    const written: { digest: Digest; tmp: string }[] = [];
+    try {
+      // Sequential on purpose: callers already run several batches at once, and each write is
+      // a few syscalls on the libuv pool.
+      for (const { digest, data } of blobs) {
+        if (isEmptyDigest(digest)) {
+          if (data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
+          continue;
+        }
+        written.push({ digest, tmp: await this.writeTemp(digest, [data]) });
+      }
+    } catch (err) {
+      await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
+      throw err;
+    }
+    await this.commit(written);
+  }
+
+  /** Streams data to a temp file, verifying size and SHA-256 and fsyncing; returns its path. */
+  private async writeTemp(digest: Digest, data: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {
+    const tmp = join(this.tmpDir, randomUUID());
+    const fh = await open(tmp, 'wx', 0o644);
+    const hash = createHash('sha256');
+    let size = 0;
+    try {
+      try {
+        for await (const chunk of data) {
+          size += chunk.byteLength;
+          if (size > digest.sizeBytes) throw mismatch(digest, `more than ${digest.sizeBytes} bytes were sent`);
+          hash.update(chunk);
+          let off = 0;
+          while (off < chunk.byteLength) off += (await fh.write(chunk, off, chunk.byteLength - off)).bytesWritten;
+        }
+        if (size !== digest.sizeBytes) throw mismatch(digest, `${size} bytes were sent`);
+        const actual = hash.digest('hex');
+        if (actual !== digest.hash) throw mismatch(digest, `the content hashes to ${actual}`);
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+    } catch (err) {
+      await unlink(tmp).catch(() => undefined);
+      throw err;
+    }
+    return tmp;
+  }
+
+  /** Renames verified temp files into place, then records them in the index in one batch. */
+  private async commit(written: readonly { digest: Digest; tmp: string }[]): Promise<void> {
+    if (written.length === 0) return;
+    try {
+      for (const { digest, tmp } of written) {
+        const dir = join(this.objectsDir, digest.hash.slice(0, 2));
+        if (!this.createdDirs.has(dir)) {
+          await mkdir(dir, { recursive: true });
+          this.createdDirs.add(dir);
+        }
+        await rename(tmp, this.objectPath(digest));
+      }
+    } catch (err) {
+      await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
+      throw err;
+    }
+    const now = nowSeconds();
+    await this.blobs.batch(written.map(({ digest }) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
+  }
+
+  /** Drops a blob from the index and deletes its file (used when it is found damaged). */
+  async forget(digest: Digest, why: string): Promise<void> {
+    this.log.error({ digest: digestKey(digest) }, `stored blob removed: ${why}`);
+    this.pendingTouches.delete(digest.hash);
+    await this.blobs.del(digest.hash);
+    await unlink(this.objectPath(digest)).catch(() => undefined);
+  }
+
+  /** Records a blob that is already in place (used by verify to re-index orphaned objects). */
+  async index(digest: Digest): Promise<void> {
+    await this.blobs.put(digest.hash, `${digest.sizeBytes}:${nowSeconds()}`);
+  }
+
+  async *blobEntries(): AsyncIterable<BlobEntry> {
+    for await (const [hash, value] of this.blobs.iterator()) {
+      const [size = '0', atime = '0'] = value.split(':');
+      yield { hash, sizeBytes: Number(size), lastAccess: Number(atime) };
+    }
+  }
+
+  /** Every object file on disk, as digests of its name and actual size. */
+  async *objectFiles(): AsyncIterable<{ hash: string; path: string }> {
+    let prefixes: string[];
+    try {
+      prefixes = await readdir(this.objectsDir);
+    } catch {
+      return;
+    }
+    for (const prefix of prefixes.sort()) {
+      if (!/^[0-9a-f]{2}$/.test(prefix)) continue;
+      for (const rest of (await readdir(join(this.objectsDir, prefix))).sort()) {
+        yield { hash: prefix + rest, path: join(this.objectsDir, prefix, rest) };
+      }
+    }
+  }
+
+  async getName(urn: string): Promise<NameRecord | undefined> {
+    const stored = await this.nameIndex.get(urn);
+    return stored === undefined ? undefined : fromStoredName(stored);
+  }
+
+  async putName(urn: string, record: NameRecord): Promise<void> {
+    await this.nameIndex.put(urn, {
+      type: record.type,
+      digest: digestKey(record.digest),
+      blobs: record.referencedBlobs.map(digestKey),
+      directories: record.referencedDirectories.map(digestKey),
+      upstream: record.upstream,
+      fetchedAt: record.fetchedAt,
+    });
+  }
+
+  async deleteName(urn: string): Promise<void> {
+    await this.nameIndex.del(urn);
+  }
+
+  async *names(): AsyncIterable<[string, NameRecord]> {
+    for await (const [urn, stored] of this.nameIndex.iterator()) yield [urn, fromStoredName(stored)];
+  }
+
+  private touch(digest: Digest): void {
+    this.pendingTouches.set(digest.hash, digest.sizeBytes);
+    if (this.pendingTouches.size >= TOUCH_FLUSH_COUNT) {
+      void this.flushTouches().catch((err: unknown) => this.log.warn({ err }, 'could not record last access times'));
+    } else if (!this.touchTimer) {
+      this.touchTimer = setTimeout(() => {
+        this.touchTimer = undefined;
+        void this.flushTouches().catch((err: unknown) => this.log.warn({ err }, 'could not record last access times'));
+      }, TOUCH_FLUSH_MS);
+      this.touchTimer.unref();
+    }
+  }
+
+  private async flushTouches(): Promise<void> {
+    if (this.pendingTouches.size === 0) return;
+    const touches = this.pendingTouches;
+    this.pendingTouches = new Map();
+    const now = nowSeconds();
+    await this.blobs.batch([...touches].map(([hash, size]) => ({ type: 'put' as const, key: hash, value: `${size}:${now}` })));
+  }
+}
+
+function fromStoredName(s: StoredName): NameRecord {
+  return {
+    type: s.type,
+    digest: parseDigestKey(s.digest),
+    referencedBlobs: s.blobs.map(parseDigestKey),
+    referencedDirectories: s.directories.map(parseDigestKey),
+    upstream: s.upstream,
+    fetchedAt: s.fetchedAt,
+  };
+}
+
+function entrySize(entry: string): number {
+  const colon = entry.indexOf(':');
+  return Number(colon < 0 ? entry : entry.slice(0, colon));
+}
+
+function nowSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}
+
+function mismatch(digest: Digest, detail: string): MirrorError {
+  return new MirrorError('DIGEST_MISMATCH', `content does not match digest ${digestKey(digest)}: ${detail}`);
+}
+
+function isErrno(err: unknown, code: string): boolean {
+  return err instanceof Error && (err as NodeJS.ErrnoException).code === code;
+}
+
+function isLockedError(err: unknown): boolean {
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if ((e as { code?: unknown }).code === 'LEVEL_LOCKED') return true;
+  }
+  return false;
+}
+
+/** Passes bytes through and fails the stream at the end if they do not hash to `digest`. */
+class VerifyingTransform extends Transform {
+  private readonly hash = createHash('sha256');
+  private readonly digest: Digest;
+  private readonly onCorrupt: () => Promise<void>;
+
+  constructor(digest: Digest, onCorrupt: () => Promise<void>) {
+    super();
+    this.digest = digest;
+    this.onCorrupt = onCorrupt;
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.hash.update(chunk);
+    done(null, chunk);
+  }
+
+  override _flush(done: TransformCallback): void {
+    if (this.hash.digest('hex') === this.digest.hash) {
+      done();
+      return;
+    }
+    this.onCorrupt().then(
+      () => done(new MirrorError('BLOB_CORRUPT', `stored blob ${digestKey(this.digest)} is corrupt and was removed; run 'bst-cache-mirror verify --repair' and sync again`)),
+      (err: unknown) => done(err instanceof Error ? err : new Error(String(err))),
+    );
+  }
+}

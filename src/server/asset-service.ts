@@ -1,0 +1,82 @@
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import {
+  FetchService,
+  type FetchServer,
+  PushService,
+  type PushServer,
+} from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
+import type { ContentStore, NameRecord } from '../cas/content-store.js';
+import { type Digest, toWire } from '../cas/digest.js';
+import { type MirrorName, isDirectoryName, parseUrn } from '../cas/names.js';
+import { MirrorError } from '../errors.js';
+import { readOnlyError } from './cas-service.js';
+import { guardedDefinition, unary } from './handler.js';
+import { checkDigestFunction, checkInstanceName, checkNoQualifiers } from './request-checks.js';
+
+/**
+ * Looks up names for the Remote Asset and ReferenceStorage services. A name is answered only if
+ * its own digest and referenced blobs are still stored (a damaged blob removes them).
+ */
+export async function lookupName(store: ContentStore, name: MirrorName): Promise<NameRecord | undefined> {
+  const record = await store.getName(name.urn);
+  if (record === undefined) return undefined;
+  const missing = await store.findMissing([record.digest, ...record.referencedBlobs, ...record.referencedDirectories]);
+  return missing.length === 0 ? record : undefined;
+}
+
+/** Remote Asset Fetch over the mirrored names; Push is refused (pull-only). */
+export class AssetService {
+  constructor(
+    private readonly store: ContentStore,
+    private readonly log: Logger,
+  ) {}
+
+  addToServer(server: Pick<grpc.Server, 'addService'>): void {
+    const fetch: FetchServer = {
+      fetchBlob: unary(this.log, 'FetchBlob', async (req) => {
+        const { uri, digest } = await this.fetch(req, 'blob');
+        return { status: { code: grpc.status.OK, message: '' }, uri, qualifiers: [], blobDigest: toWire(digest), digestFunction: req.digestFunction };
+      }),
+      fetchDirectory: unary(this.log, 'FetchDirectory', async (req) => {
+        const { uri, digest } = await this.fetch(req, 'directory');
+        return { status: { code: grpc.status.OK, message: '' }, uri, qualifiers: [], rootDirectoryDigest: toWire(digest), digestFunction: req.digestFunction };
+      }),
+    };
+    // Refusing (rather than not registering) Push gives `bst push` a clear message; BuildStream
+    // treats PERMISSION_DENIED on its empty PushBlob/PushDirectory probe as "no push here".
+    const push: PushServer = {
+      pushBlob: unary(this.log, 'PushBlob', async () => {
+        throw readOnlyError('PushBlob');
+      }),
+      pushDirectory: unary(this.log, 'PushDirectory', async () => {
+        throw readOnlyError('PushDirectory');
+      }),
+    };
+    server.addService(guardedDefinition(FetchService), fetch);
+    server.addService(guardedDefinition(PushService), push);
+  }
+
+  private async fetch(
+    req: { instanceName: string; uris: string[]; qualifiers: { name: string; value: string }[]; digestFunction: number },
+    want: 'blob' | 'directory',
+  ): Promise<{ uri: string; digest: Digest }> {
+    checkInstanceName(req.instanceName);
+    checkDigestFunction(req.digestFunction);
+    checkNoQualifiers(req.qualifiers);
+    // BuildStream probes with an empty request and expects exactly this status.
+    if (req.uris.length === 0) throw new MirrorError('INVALID_ARGUMENT', 'at least one URI is required');
+    const names = req.uris.map(parseUrn);
+    for (const name of names) {
+      const kind = isDirectoryName(name.kind) ? 'directory' : 'blob';
+      if (kind !== want) {
+        throw new MirrorError('INVALID_ARGUMENT', `'${name.urn}' names a ${kind}; use Fetch${kind === 'blob' ? 'Blob' : 'Directory'}`);
+      }
+    }
+    for (const [i, name] of names.entries()) {
+      const record = await lookupName(this.store, name);
+      if (record) return { uri: req.uris[i] ?? name.urn, digest: record.digest };
+    }
+    throw new MirrorError('NAME_NOT_FOUND', `${names.length === 1 ? `'${names[0]?.urn}' is` : 'none of the URIs is'} not in the mirror`);
+  }
+}

@@ -1,0 +1,139 @@
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import {
+  type BatchReadBlobsResponse_Response,
+  ContentAddressableStorageService,
+  type ContentAddressableStorageServer,
+  type Directory,
+  Directory as DirectoryMessage,
+} from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
+import type { ContentStore } from '../cas/content-store.js';
+import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
+import { MirrorError, isMirrorError } from '../errors.js';
+import { guardedDefinition, serverStream, unary } from './handler.js';
+import { checkDigestFunction, checkInstanceName } from './request-checks.js';
+import { toStatus } from './status.js';
+
+/** Directories per GetTree response message, and a byte budget that keeps messages small. */
+const TREE_PAGE_DIRECTORIES = 1000;
+const TREE_PAGE_BYTES = 2 << 20;
+
+export function readOnlyError(what: string): MirrorError {
+  return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror serves a pull-only mirror; push to the upstream cache instead`);
+}
+
+/** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
+export class CasService {
+  constructor(
+    private readonly store: ContentStore,
+    private readonly maxBatchBytes: number,
+    private readonly log: Logger,
+  ) {}
+
+  addToServer(server: Pick<grpc.Server, 'addService'>): void {
+    const log = this.log;
+    const impl: ContentAddressableStorageServer = {
+      findMissingBlobs: unary(log, 'FindMissingBlobs', async (req) => {
+        checkInstanceName(req.instanceName);
+        checkDigestFunction(req.digestFunction);
+        const digests = req.blobDigests.map((d, i) => fromWire(d, `blob_digests[${i}]`));
+        return { missingBlobDigests: (await this.store.findMissing(digests)).map(toWire) };
+      }),
+      batchReadBlobs: unary(log, 'BatchReadBlobs', async (req) => {
+        checkInstanceName(req.instanceName);
+        checkDigestFunction(req.digestFunction);
+        const digests = req.digests.map((d, i) => fromWire(d, `digests[${i}]`));
+        const total = digests.reduce((n, d) => n + d.sizeBytes, 0);
+        if (total > this.maxBatchBytes) {
+          throw new MirrorError('BATCH_TOO_LARGE', `BatchReadBlobs asks for ${total} bytes, over max_batch_total_size_bytes (${this.maxBatchBytes}); read large blobs with ByteStream`);
+        }
+        return { responses: await Promise.all(digests.map((d) => this.readEntry(d))) };
+      }),
+      batchUpdateBlobs: unary(log, 'BatchUpdateBlobs', async () => {
+        throw readOnlyError('BatchUpdateBlobs');
+      }),
+      getTree: serverStream(log, 'GetTree', async (req, call) => {
+        checkInstanceName(req.instanceName);
+        checkDigestFunction(req.digestFunction);
+        const root = fromWire(req.rootDigest, 'root_digest');
+        if (req.pageSize < 0) throw new MirrorError('INVALID_ARGUMENT', `page_size ${req.pageSize} is negative`);
+        if (!/^\d{0,12}$/.test(req.pageToken)) throw new MirrorError('INVALID_ARGUMENT', `page_token '${req.pageToken.slice(0, 40)}' was not issued by this server`);
+        const pageSize = Math.min(req.pageSize || TREE_PAGE_DIRECTORIES, TREE_PAGE_DIRECTORIES);
+        await this.streamTree(root, Number(req.pageToken || '0'), pageSize, call);
+      }),
+    };
+    server.addService(guardedDefinition(ContentAddressableStorageService), impl);
+  }
+
+  private async readEntry(digest: Digest): Promise<BatchReadBlobsResponse_Response> {
+    const wire = toWire(digest);
+    try {
+      const data = await this.store.readBytes(digest);
+      if (data === undefined) {
+        return { digest: wire, data: Buffer.alloc(0), status: { code: grpc.status.NOT_FOUND, message: `blob ${digestKey(digest)} is not in the mirror` } };
+      }
+      return { digest: wire, data, status: { code: grpc.status.OK, message: '' } };
+    } catch (err) {
+      if (!isMirrorError(err)) throw err;
+      const { code, details } = toStatus(err, this.log, 'BatchReadBlobs');
+      return { digest: wire, data: Buffer.alloc(0), status: { code, message: details } };
+    }
+  }
+
+  /**
+   * Streams the tree breadth-first, `pageSize` directories (or ~2 MiB) per message, from the
+   * position `start` in that order. Each message's next_page_token is the position to resume at.
+   * Subtrees missing from the store are left out, as REAPI allows.
+   */
+  private async streamTree(root: Digest, start: number, pageSize: number, call: grpc.ServerWritableStream<unknown, { directories: Directory[]; nextPageToken: string }>): Promise<void> {
+    const rootData = await this.store.readBytes(root);
+    if (rootData === undefined) throw new MirrorError('BLOB_NOT_FOUND', `root directory ${digestKey(root)} is not in the mirror`);
+    let position = 0;
+    let page: Directory[] = [];
+    let pageBytes = 0;
+    let level: { digest: Digest; data: Buffer }[] = [{ digest: root, data: rootData }];
+    const seen = new Set<string>([digestKey(root)]);
+    const flush = async (next: string): Promise<void> => {
+      if (!call.write({ directories: page, nextPageToken: next })) await onceDrainOrCancel(call);
+      page = [];
+      pageBytes = 0;
+    };
+    while (level.length > 0) {
+      const nextLevel: Digest[] = [];
+      for (const { digest, data } of level) {
+        if (call.cancelled) return;
+        const dir = DirectoryMessage.decode(data);
+        if (position >= start) {
+          if (page.length >= pageSize || (page.length > 0 && pageBytes + data.byteLength > TREE_PAGE_BYTES)) await flush(String(position));
+          page.push(dir);
+          pageBytes += data.byteLength;
+        }
+        position += 1;
+        for (const child of dir.directories) {
+          const d = fromWire(child.digest, `Directory ${digestKey(digest)} entry '${child.name}'`);
+          if (!seen.has(digestKey(d))) {
+            seen.add(digestKey(d));
+            nextLevel.push(d);
+          }
+        }
+      }
+      const loaded = await Promise.all(nextLevel.map(async (digest) => ({ digest, data: await this.store.readBytes(digest) })));
+      level = loaded.filter((l): l is { digest: Digest; data: Buffer } => l.data !== undefined);
+    }
+    if (page.length > 0 || start >= position) await flush('');
+  }
+}
+
+export async function onceDrainOrCancel(call: grpc.ServerWritableStream<unknown, unknown>): Promise<void> {
+  await new Promise<void>((resolve) => {
+    const done = (): void => {
+      call.off('drain', done);
+      call.off('cancelled', done);
+      call.off('close', done);
+      resolve();
+    };
+    call.on('drain', done);
+    call.on('cancelled', done);
+    call.on('close', done);
+  });
+}

@@ -1,0 +1,37 @@
+import type * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { ReferenceStorageService, type ReferenceStorageServer } from '../gen/buildstream/v2/buildstream.js';
+import type { ContentStore } from '../cas/content-store.js';
+import { toWire } from '../cas/digest.js';
+import { refName } from '../cas/names.js';
+import { MirrorError } from '../errors.js';
+import { lookupName } from './asset-service.js';
+import { readOnlyError } from './cas-service.js';
+import { guardedDefinition, unary } from './handler.js';
+
+/**
+ * BuildStream 1.x's ReferenceStorage. A ref `R` is the record of `urn:…:v1:R`, so a 1.6 client in
+ * asset mode and one using ReferenceStorage see the same Directory.
+ */
+export class ReferenceStorageReadService {
+  constructor(
+    private readonly store: ContentStore,
+    private readonly log: Logger,
+  ) {}
+
+  addToServer(server: Pick<grpc.Server, 'addService'>): void {
+    const impl: ReferenceStorageServer = {
+      getReference: unary(this.log, 'GetReference', async (req) => {
+        const name = refName(req.key);
+        const record = await lookupName(this.store, name);
+        if (!record) throw new MirrorError('NAME_NOT_FOUND', `ref '${req.key}' is not in the mirror`);
+        return { digest: toWire(record.digest) };
+      }),
+      updateReference: unary(this.log, 'UpdateReference', async () => {
+        throw readOnlyError('UpdateReference');
+      }),
+      status: unary(this.log, 'ReferenceStorage.Status', async () => ({ allowUpdates: false })),
+    };
+    server.addService(guardedDefinition(ReferenceStorageService), impl);
+  }
+}

@@ -1,0 +1,261 @@
+import pLimit from 'p-limit';
+import type { Logger } from 'pino';
+import type { ContentStore, NameRecord } from '../cas/content-store.js';
+import { type Roots, artifactRoots, parseDirectory, sourceRoots, uniqueDigests } from '../cas/closure.js';
+import { type Digest, digestKey } from '../cas/digest.js';
+import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
+import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
+import type { Upstream } from '../remote/upstream.js';
+
+export interface SyncOptions {
+  readonly store: ContentStore;
+  /** Tried in order for each name; the first that has it wins. */
+  readonly upstreams: readonly Upstream[];
+  /** Names as the user gives them: `project/element/key` or full BuildStream URNs. */
+  readonly names: readonly string[];
+  /** Also mirror 2.x artifacts' buildtree, sources, buildroot and sandbox trees. */
+  readonly withBuildtrees?: boolean;
+  /** Upstream requests in flight at once (batches and streams). */
+  readonly concurrency?: number;
+  readonly log: Logger;
+  readonly onProgress?: (progress: SyncProgress) => void;
+}
+
+export interface SyncProgress {
+  readonly namesTotal: number;
+  readonly namesDone: number;
+  readonly blobsTransferred: number;
+  readonly bytesTransferred: number;
+}
+
+export type NameStatus = 'mirrored' | 'present' | 'missing' | 'failed';
+
+export interface NameResult {
+  /** The name as given. */
+  readonly input: string;
+  readonly status: NameStatus;
+  /** The URN it was recorded under, when found. */
+  readonly urn?: string;
+  readonly upstream?: string;
+  /** Why it is missing or failed. */
+  readonly reason?: string;
+  readonly blobsTransferred: number;
+  readonly bytesTransferred: number;
+}
+
+export interface SyncReport {
+  readonly results: NameResult[];
+  readonly blobsTransferred: number;
+  readonly bytesTransferred: number;
+  readonly durationMs: number;
+}
+
+/** Names synced at once; each name's own blob transfers share the `concurrency` limit. */
+const NAME_CONCURRENCY = 4;
+/** BuildStream 1.6 groups FindMissingBlobs the same way; it bounds each index lookup. */
+const FIND_MISSING_GROUP = 4096;
+
+/**
+ * Mirrors each name's whole closure from the first upstream that has it, then records the name,
+ * so a name is never visible before every blob it needs is stored. Blobs already stored locally
+ * are not transferred again; every transferred blob is verified before it is stored.
+ */
+export async function syncNames(options: SyncOptions): Promise<SyncReport> {
+  const started = Date.now();
+  const transfers = pLimit(options.concurrency ?? 8);
+  const perName = pLimit(NAME_CONCURRENCY);
+  const totals = { blobs: 0, bytes: 0, namesDone: 0 };
+  const report = (): void =>
+    options.onProgress?.({
+      namesTotal: options.names.length,
+      namesDone: totals.namesDone,
+      blobsTransferred: totals.blobs,
+      bytesTransferred: totals.bytes,
+    });
+  const results = await Promise.all(
+    options.names.map((input) =>
+      perName(async () => {
+        const counter = {
+          blobs: 0,
+          bytes: 0,
+          add(blobs: number, bytes: number) {
+            this.blobs += blobs;
+            this.bytes += bytes;
+            totals.blobs += blobs;
+            totals.bytes += bytes;
+            report();
+          },
+        };
+        const result = await syncOne(input, options, transfers, counter);
+        totals.namesDone += 1;
+        report();
+        const fields = { name: input, status: result.status, upstream: result.upstream, blobs: counter.blobs, bytes: counter.bytes };
+        if (result.status === 'failed') options.log.error({ ...fields, reason: result.reason }, 'name failed');
+        else if (result.status === 'missing') options.log.warn({ ...fields, reason: result.reason }, 'name missing upstream');
+        else options.log.info(fields, `name ${result.status}`);
+        return { ...result, blobsTransferred: counter.blobs, bytesTransferred: counter.bytes };
+      }),
+    ),
+  );
+  return { results, blobsTransferred: totals.blobs, bytesTransferred: totals.bytes, durationMs: Date.now() - started };
+}
+
+interface Counter {
+  add(blobs: number, bytes: number): void;
+  readonly blobs: number;
+}
+
+type Limit = ReturnType<typeof pLimit>;
+
+async function syncOne(
+  input: string,
+  options: SyncOptions,
+  transfers: Limit,
+  counter: Counter,
+): Promise<Omit<NameResult, 'blobsTransferred' | 'bytesTransferred'>> {
+  let candidates: MirrorName[];
+  try {
+    candidates = parseUserName(input);
+  } catch (err) {
+    return { input, status: 'failed', reason: errorMessage(err) };
+  }
+  const upstreamErrors: string[] = [];
+  for (const upstream of options.upstreams) {
+    let found: { name: MirrorName; digest: Digest } | undefined;
+    try {
+      for (const name of candidates) {
+        const digest = await upstream.resolve(name);
+        if (digest) {
+          found = { name, digest };
+          break;
+        }
+      }
+    } catch (err) {
+      upstreamErrors.push(errorMessage(err));
+      continue;
+    }
+    if (!found) continue;
+    const { name, digest } = found;
+    try {
+      const fetcher = new ClosureFetcher(options.store, upstream, transfers, counter);
+      const before = counter.blobs;
+      const roots = await fetcher.fetchName(name, digest, options.withBuildtrees ?? false);
+      const existing = await options.store.getName(name.urn);
+      const record: NameRecord = {
+        type: isDirectoryName(name.kind) ? 'directory' : 'blob',
+        digest,
+        referencedBlobs: roots.blobs,
+        referencedDirectories: roots.directories,
+        upstream: upstream.name,
+        fetchedAt: Date.now(),
+      };
+      const unchanged = existing !== undefined && digestKey(existing.digest) === digestKey(digest);
+      if (!unchanged || counter.blobs !== before) await options.store.putName(name.urn, record);
+      return { input, status: unchanged && counter.blobs === before ? 'present' : 'mirrored', urn: name.urn, upstream: upstream.name };
+    } catch (err) {
+      return { input, status: 'failed', urn: name.urn, upstream: upstream.name, reason: describeFetchError(err) };
+    }
+  }
+  if (upstreamErrors.length > 0) {
+    return { input, status: 'failed', reason: upstreamErrors.join('; ') };
+  }
+  const tried = candidates.map((c) => c.urn).join(' or ');
+  return { input, status: 'missing', reason: `no upstream has ${tried}` };
+}
+
+function describeFetchError(err: unknown): string {
+  if (isMirrorError(err, 'DIGEST_MISMATCH')) return `upstream sent a corrupt blob, which was not stored: ${err.message}`;
+  return errorMessage(err);
+}
+
+/** Fetches the blobs of one name that the store lacks, from one upstream. */
+class ClosureFetcher {
+  constructor(
+    private readonly store: ContentStore,
+    private readonly upstream: Upstream,
+    private readonly transfers: Limit,
+    private readonly counter: Counter,
+  ) {}
+
+  /** Fetches the name's closure; returns what it references besides its own digest. */
+  async fetchName(name: MirrorName, digest: Digest, withBuildtrees: boolean): Promise<Roots> {
+    if (isDirectoryName(name.kind)) {
+      await this.fetchTrees([digest]);
+      return { directories: [], blobs: [] };
+    }
+    await this.fetchBlobs([digest]);
+    const data = await this.mustRead(digest);
+    const roots = name.kind === 'artifact' ? artifactRoots(data, digest, withBuildtrees) : sourceRoots(data, digest);
+    await this.fetchBlobs(roots.blobs);
+    await this.fetchTrees(roots.directories);
+    return roots;
+  }
+
+  /** Fetches whole Directory trees, one level at a time. */
+  private async fetchTrees(roots: readonly Digest[]): Promise<void> {
+    const seen = new Set<string>();
+    let level = uniqueDigests(roots);
+    while (level.length > 0) {
+      for (const d of level) seen.add(digestKey(d));
+      await this.fetchBlobs(level);
+      const children = await Promise.all(level.map(async (d) => parseDirectory(await this.mustRead(d), d)));
+      await this.fetchBlobs(uniqueDigests(children.flatMap((c) => c.files)));
+      level = uniqueDigests(children.flatMap((c) => c.directories)).filter((d) => !seen.has(digestKey(d)));
+    }
+  }
+
+  private async mustRead(digest: Digest): Promise<Uint8Array> {
+    const data = await this.store.readBytes(digest);
+    if (data === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} vanished from the store during sync`);
+    return data;
+  }
+
+  /** Transfers the digests the store lacks: small ones in batches, large ones by ByteStream. */
+  private async fetchBlobs(digests: readonly Digest[]): Promise<void> {
+    const unique = uniqueDigests(digests);
+    const missing: Digest[] = [];
+    for (let i = 0; i < unique.length; i += FIND_MISSING_GROUP) {
+      missing.push(...(await this.store.findMissing(unique.slice(i, i + FIND_MISSING_GROUP))));
+    }
+    if (missing.length === 0) return;
+    const { maxBatchBytes } = await this.upstream.connect();
+    const batches: Digest[][] = [];
+    const large: Digest[] = [];
+    let current: Digest[] = [];
+    let currentBytes = 0;
+    for (const d of missing) {
+      if (d.sizeBytes > maxBatchBytes) {
+        large.push(d);
+        continue;
+      }
+      if (currentBytes + d.sizeBytes > maxBatchBytes && current.length > 0) {
+        batches.push(current);
+        current = [];
+        currentBytes = 0;
+      }
+      current.push(d);
+      currentBytes += d.sizeBytes;
+    }
+    if (current.length > 0) batches.push(current);
+    await Promise.all([
+      ...batches.map((batch) => this.transfers(() => this.fetchBatch(batch))),
+      ...large.map((d) => this.transfers(() => this.fetchLarge(d))),
+    ]);
+  }
+
+  private async fetchBatch(batch: readonly Digest[]): Promise<void> {
+    const results = await this.upstream.batchRead(batch);
+    const blobs: { digest: Digest; data: Uint8Array }[] = [];
+    for (const r of results) {
+      if ('missing' in r) throw new MirrorError('BLOB_NOT_FOUND', `${this.upstream.name} does not have blob ${digestKey(r.digest)}, which the name needs`);
+      blobs.push(r);
+    }
+    await this.store.writeMany(blobs);
+    this.counter.add(blobs.length, blobs.reduce((n, b) => n + b.digest.sizeBytes, 0));
+  }
+
+  private async fetchLarge(digest: Digest): Promise<void> {
+    await this.store.write(digest, this.upstream.readStream(digest));
+    this.counter.add(1, digest.sizeBytes);
+  }
+}

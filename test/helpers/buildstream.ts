@@ -1,0 +1,624 @@
+/**
+ * Test harness for interop with the real BuildStream 1.6 (Debian bookworm `buildstream` 1.6.8).
+ *
+ * - `startReferenceServer` runs the 1.6 reference artifact server
+ *   (`buildstream._artifactcache.casserver`) through `test/fixtures/casserver.py`,
+ *   bound to 127.0.0.1 on an ephemeral port.
+ * - `writeBstProject` writes a small 1.6 project (two `import` elements, a `compose`
+ *   and a `stack`) whose output tree covers the awkward cases: nested directories,
+ *   an executable, symlinks to a file and to a directory, an empty file and files
+ *   around the 1 MiB batch limit.
+ * - `bstUserConfig` / `runBst` run `bst` with an isolated HOME and XDG dirs, so the
+ *   real user's configuration and caches are never read or written.
+ * - `listArtifactRefs` / `compareTrees` inspect the results.
+ *
+ * Nothing here needs a build sandbox: `import`, `compose` and `stack` elements run no
+ * commands, and the checkout runs no integration commands. `bst` still needs
+ * `bwrap` on PATH at start-up (Debian's python3-buildstream depends on bubblewrap).
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, accessSync, constants as fsConstants } from 'node:fs';
+import { chmod, link, lstat, mkdir, mkdtemp, readdir, readlink, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { delimiter, dirname, isAbsolute, join, posix, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The interpreter Debian's `bst` uses (its shebang). Never the `python3` on PATH (pyenv etc.). */
+export const SYSTEM_PYTHON = '/usr/bin/python3';
+
+/** Launcher for the 1.6 reference server. */
+export const CASSERVER_FIXTURE = fileURLToPath(new URL('../fixtures/casserver.py', import.meta.url));
+
+const MiB = 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// Availability
+// ---------------------------------------------------------------------------
+
+let availableCache: boolean | undefined;
+
+function onPath(program: string): boolean {
+  for (const dir of (process.env['PATH'] ?? '').split(delimiter)) {
+    if (dir === '') continue;
+    try {
+      accessSync(join(dir, program), fsConstants.X_OK);
+      return true;
+    } catch {
+      // keep looking
+    }
+  }
+  return false;
+}
+
+/**
+ * True when `bst` is on PATH and the 1.6 reference server module can be imported by
+ * /usr/bin/python3. The result is cached for the life of the process.
+ */
+export function bstAvailable(): boolean {
+  if (availableCache === undefined) {
+    availableCache =
+      onPath('bst') &&
+      spawnSync(SYSTEM_PYTHON, ['-c', 'import buildstream._artifactcache.casserver'], {
+        stdio: 'ignore',
+        timeout: 30_000,
+      }).status === 0;
+  }
+  return availableCache;
+}
+
+// ---------------------------------------------------------------------------
+// Reference server
+// ---------------------------------------------------------------------------
+
+/** One RPC completed by the reference server (only with `logRpcs: true`). */
+export interface RpcCall {
+  /** Full gRPC method, e.g. `/build.buildstream.v2.ReferenceStorage/GetReference`. */
+  method: string;
+  /** gRPC status code name as the server set it: `OK`, `NOT_FOUND`, `UNIMPLEMENTED`, ... */
+  code: string;
+  ms: number;
+}
+
+export interface ReferenceServer {
+  /** `http://127.0.0.1:<port>`, usable as a 1.6 `artifacts: url:`. */
+  url: string;
+  port: number;
+  /** The server's repository directory (its refs live in `<repo>/cas/refs/heads`). */
+  repo: string;
+  /** What the server wrote to stderr so far (last 64 KiB, RPC log lines included). */
+  stderr(): string;
+  /** RPCs completed so far, in completion order ([] unless started with `logRpcs: true`). */
+  rpcs(): RpcCall[];
+  /** SIGTERM, then SIGKILL after 10 s. Idempotent; resolves once the process has exited. */
+  stop(): Promise<void>;
+}
+
+const STDERR_LIMIT = 64 * 1024;
+const liveChildren = new Set<ReturnType<typeof spawn>>();
+let exitHookInstalled = false;
+
+/** Never leave a server behind if the test process exits without calling stop(). */
+function trackChild(child: ReturnType<typeof spawn>): void {
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.on('exit', () => {
+      for (const c of liveChildren) c.kill('SIGKILL');
+    });
+  }
+  liveChildren.add(child);
+  child.once('exit', () => liveChildren.delete(child));
+}
+
+/**
+ * Start the BuildStream 1.6 reference artifact server on 127.0.0.1 with an ephemeral port.
+ * Resolves once it printed `LISTENING <port>`. Rejects (with its stderr) if it exits first
+ * or does not start within `startTimeoutMs` (default 30 s). `repo` is created if missing.
+ * With `logRpcs`, every RPC the server handles is recorded (see `rpcs()`).
+ */
+export async function startReferenceServer(opts: {
+  repo: string;
+  enablePush: boolean;
+  logRpcs?: boolean;
+  startTimeoutMs?: number;
+}): Promise<ReferenceServer> {
+  const repo = resolve(opts.repo);
+  await mkdir(repo, { recursive: true });
+  const args = [CASSERVER_FIXTURE, repo];
+  if (opts.enablePush) args.push('--enable-push');
+  if (opts.logRpcs === true) args.push('--log-rpcs');
+
+  const child = spawn(SYSTEM_PYTHON, args, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...minimalEnv(), PYTHONUNBUFFERED: '1' },
+  });
+  trackChild(child);
+
+  let stderr = '';
+  let partialLine = '';
+  const rpcs: RpcCall[] = [];
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (chunk: string) => {
+    stderr += chunk;
+    if (stderr.length > STDERR_LIMIT) stderr = stderr.slice(-STDERR_LIMIT);
+    const lines = (partialLine + chunk).split('\n');
+    partialLine = lines.pop() ?? '';
+    for (const line of lines) {
+      const m = /^RPC (\S+) ([A-Z_]+) ([\d.]+)$/.exec(line);
+      if (m?.[1] && m[2] && m[3]) rpcs.push({ method: m[1], code: m[2], ms: Number(m[3]) });
+    }
+  });
+
+  const exited = new Promise<void>((resolveExit) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolveExit();
+    else child.once('exit', () => resolveExit());
+  });
+
+  const port = await new Promise<number>((resolvePort, reject) => {
+    let stdout = '';
+    let settled = false;
+    const fail = (why: string): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      reject(new Error(`reference casserver ${why}\n--- stderr ---\n${stderr.trimEnd()}`));
+    };
+    const timer = setTimeout(
+      () => fail(`did not print LISTENING within ${opts.startTimeoutMs ?? 30_000} ms`),
+      opts.startTimeoutMs ?? 30_000,
+    );
+    child.stdout?.setEncoding('utf8');
+    child.stdout?.on('data', (chunk: string) => {
+      if (settled) return;
+      stdout += chunk;
+      const nl = stdout.indexOf('\n');
+      if (nl < 0) return;
+      const match = /^LISTENING (\d+)$/.exec(stdout.slice(0, nl).trim());
+      if (!match?.[1]) {
+        fail(`printed an unexpected first line: ${JSON.stringify(stdout.slice(0, nl))}`);
+        return;
+      }
+      settled = true;
+      clearTimeout(timer);
+      resolvePort(Number(match[1]));
+    });
+    child.once('error', (err) => fail(`could not be spawned: ${err.message}`));
+    // 'close' (not 'exit') fires after stderr has been drained, so the message is complete.
+    child.once('close', (code, signal) => fail(`exited before listening (code ${String(code)}, signal ${String(signal)})`));
+  });
+
+  let stopping: Promise<void> | undefined;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    repo,
+    stderr: () => stderr,
+    rpcs: () => [...rpcs],
+    stop(): Promise<void> {
+      stopping ??= (async () => {
+        if (child.exitCode !== null || child.signalCode !== null) return;
+        child.kill('SIGTERM');
+        const killer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+        await exited;
+        clearTimeout(killer);
+      })();
+      return stopping;
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Project generator
+// ---------------------------------------------------------------------------
+
+export type ExpectedEntry =
+  | { path: string; type: 'dir'; element: string }
+  | { path: string; type: 'file'; element: string; size: number; sha256: string; executable: boolean }
+  | { path: string; type: 'symlink'; element: string; target: string };
+
+export interface BstProject {
+  /** The project directory (contains project.conf). Run `bst` with this as cwd. */
+  projectDir: string;
+  projectName: string;
+  /** All elements, dependencies first. */
+  elements: string[];
+  /** The element to build / push / pull / checkout: a `stack` depending on the compose. */
+  topElement: string;
+  /**
+   * A directory laid out exactly as `bst checkout <topElement>` must produce it
+   * (the union of the two imports; regular files are hard links to the sources).
+   */
+  expectedDir: string;
+  /** Every entry of `expectedDir`, relative POSIX paths, sorted. */
+  expectedFiles: ExpectedEntry[];
+}
+
+/** Deterministic, incompressible bytes (xorshift32 seeded from `seed`). */
+export function deterministicBytes(seed: string, size: number): Buffer {
+  const buf = Buffer.allocUnsafe(size);
+  let x = createHash('sha256').update(seed).digest().readUInt32LE(0) || 0x9e3779b9;
+  let i = 0;
+  for (; i + 4 <= size; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    buf.writeUInt32LE(x >>> 0, i);
+  }
+  for (; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    buf[i] = x & 0xff;
+  }
+  return buf;
+}
+
+type Spec =
+  | { path: string; type: 'file'; content: Buffer; executable?: boolean }
+  | { path: string; type: 'symlink'; target: string };
+
+const DEEP_TEXT = Buffer.from('three levels down\n');
+
+/** What each import element contains, keyed by its source directory under files/. */
+function treeSpecs(): Record<'tree' | 'extra', Spec[]> {
+  return {
+    tree: [
+      { path: 'usr/share/harness/level1/level2/level3/deep.txt', type: 'file', content: DEEP_TEXT },
+      {
+        path: 'usr/bin/harness-hello',
+        type: 'file',
+        content: Buffer.from('#!/bin/sh\necho "hello from the bst-cache-mirror harness"\n'),
+        executable: true,
+      },
+      // relative symlink to a file, going up and down the tree
+      { path: 'usr/lib/harness/deep-link.txt', type: 'symlink', target: '../../share/harness/level1/level2/level3/deep.txt' },
+      // symlink to a directory
+      { path: 'usr/share/harness/level-link', type: 'symlink', target: 'level1/level2' },
+      { path: 'usr/share/harness/empty', type: 'file', content: Buffer.alloc(0) },
+      // around the 1 MiB batch limit of the 1.6 client and server
+      { path: 'data/one-mib-minus-one.bin', type: 'file', content: deterministicBytes('one-mib-minus-one', MiB - 1) },
+      { path: 'data/one-mib-plus-one.bin', type: 'file', content: deterministicBytes('one-mib-plus-one', MiB + 1) },
+      // several ByteStream chunks, not chunk-aligned
+      { path: 'data/five-mib.bin', type: 'file', content: deterministicBytes('five-mib', 5 * MiB + 4321) },
+    ],
+    extra: [
+      { path: 'etc/harness.conf', type: 'file', content: Buffer.from('# bst-cache-mirror harness\nanswer = 42\n') },
+      // same bytes as deep.txt: one blob shared by two artifacts
+      { path: 'etc/harness/deep-copy.txt', type: 'file', content: DEEP_TEXT },
+    ],
+  };
+}
+
+/**
+ * Write a BuildStream 1.6 project into `dir` (created if needed):
+ *
+ * ```
+ * project.conf                  name, format-version 12, element-path: elements
+ * elements/base/tree.bst        import  (local source files/tree)
+ * elements/base/extra.bst       import  (local source files/extra)
+ * elements/compose.bst          compose, build-depends on both imports
+ * elements/top.bst              stack, depends on compose.bst
+ * files/{tree,extra}/...        the imported trees (large files generated here)
+ * expected/...                  what `bst checkout top.bst` must produce
+ * ```
+ *
+ * Element names contain a `/`, so refs use the normal name: `<project>/base-tree/<key>`.
+ * `import` and `compose` (BST_STRICT_REBUILD) have weak key == strong key; the stack's
+ * weak key differs, so it is committed and pushed under two refs.
+ */
+export async function writeBstProject(dir: string, projectName = 'harness'): Promise<BstProject> {
+  const projectDir = resolve(dir);
+  const expectedDir = join(projectDir, 'expected');
+  await mkdir(join(projectDir, 'elements', 'base'), { recursive: true });
+  await mkdir(expectedDir, { recursive: true });
+
+  await writeFile(
+    join(projectDir, 'project.conf'),
+    [
+      `name: ${projectName}`,
+      '# Any value <= 18 (BST_FORMAT_VERSION of 1.6.8) is accepted; 12 needs nothing newer than 1.2.',
+      'format-version: 12',
+      'element-path: elements',
+      '',
+    ].join('\n'),
+  );
+
+  const elementFiles: Record<string, string> = {
+    'base/tree.bst': 'kind: import\nsources:\n- kind: local\n  path: files/tree\n',
+    'base/extra.bst': 'kind: import\nsources:\n- kind: local\n  path: files/extra\n',
+    'compose.bst':
+      'kind: compose\ndepends:\n- filename: base/tree.bst\n  type: build\n- filename: base/extra.bst\n  type: build\n',
+    'top.bst': 'kind: stack\ndepends:\n- compose.bst\n',
+  };
+  for (const [name, body] of Object.entries(elementFiles)) {
+    await writeFile(join(projectDir, 'elements', name), body);
+  }
+
+  const expected = new Map<string, ExpectedEntry>();
+  const addParents = (relPath: string, element: string): void => {
+    for (let p = posix.dirname(relPath); p !== '.'; p = posix.dirname(p)) {
+      if (!expected.has(p)) expected.set(p, { path: p, type: 'dir', element });
+    }
+  };
+
+  for (const [element, specs] of Object.entries(treeSpecs())) {
+    const sourceRoot = join(projectDir, 'files', element);
+    await mkdir(sourceRoot, { recursive: true });
+    for (const spec of specs) {
+      const src = join(sourceRoot, spec.path);
+      const dst = join(expectedDir, spec.path);
+      await mkdir(dirname(src), { recursive: true });
+      await mkdir(dirname(dst), { recursive: true });
+      if (spec.type === 'file') {
+        await writeFile(src, spec.content);
+        const executable = spec.executable === true;
+        await chmod(src, executable ? 0o755 : 0o644);
+        await link(src, dst);
+        expected.set(spec.path, {
+          path: spec.path,
+          type: 'file',
+          element,
+          size: spec.content.length,
+          sha256: createHash('sha256').update(spec.content).digest('hex'),
+          executable,
+        });
+      } else {
+        await symlink(spec.target, src);
+        await symlink(spec.target, dst);
+        expected.set(spec.path, { path: spec.path, type: 'symlink', element, target: spec.target });
+      }
+      addParents(spec.path, element);
+    }
+  }
+
+  return {
+    projectDir,
+    projectName,
+    elements: ['base/tree.bst', 'base/extra.bst', 'compose.bst', 'top.bst'],
+    topElement: 'top.bst',
+    expectedDir,
+    expectedFiles: [...expected.values()].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0)),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// User configuration
+// ---------------------------------------------------------------------------
+
+/** A YAML double-quoted scalar (JSON string syntax is valid YAML). */
+function yamlString(value: string): string {
+  return JSON.stringify(value);
+}
+
+/**
+ * YAML for a BuildStream 1.6 user config (`bst -c FILE`). All of BuildStream's
+ * directories go under `root`; `remotes` become a per-project override
+ * (`projects: <name>: artifacts: [...]`), which has the highest priority in 1.6.
+ * `strict: false` selects non-strict mode for the project (default: strict).
+ * `networkRetries` sets `scheduler: network-retries` (BuildStream's default is 2).
+ */
+export function bstUserConfig(opts: {
+  root: string;
+  remotes: Array<{ url: string; push: boolean }>;
+  projectName: string;
+  strict?: boolean;
+  networkRetries?: number;
+}): string {
+  const root = resolve(opts.root);
+  const lines = [
+    '# BuildStream 1.6 user configuration (generated by test/helpers/buildstream.ts)',
+    `sourcedir: ${yamlString(join(root, 'sources'))}`,
+    `builddir: ${yamlString(join(root, 'build'))}`,
+    `artifactdir: ${yamlString(join(root, 'artifacts'))}`,
+    `logdir: ${yamlString(join(root, 'logs'))}`,
+  ];
+  if (opts.networkRetries !== undefined) {
+    lines.push('scheduler:', `  network-retries: ${Math.trunc(opts.networkRetries)}`);
+  }
+  lines.push('projects:', `  ${yamlString(opts.projectName)}:`);
+  if (opts.strict !== undefined) lines.push(`    strict: ${opts.strict ? 'True' : 'False'}`);
+  if (opts.remotes.length === 0) {
+    lines.push('    artifacts: []');
+  } else {
+    lines.push('    artifacts:');
+    for (const remote of opts.remotes) {
+      lines.push(`    - url: ${yamlString(remote.url)}`, `      push: ${remote.push ? 'True' : 'False'}`);
+    }
+  }
+  lines.push('');
+  return lines.join('\n');
+}
+
+// ---------------------------------------------------------------------------
+// Running bst
+// ---------------------------------------------------------------------------
+
+export interface BstResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** PATH and locale only: nothing from the caller's environment leaks into bst or the server. */
+function minimalEnv(): Record<string, string> {
+  const env: Record<string, string> = {
+    PATH: process.env['PATH'] ?? '/usr/local/bin:/usr/bin:/bin',
+    LANG: 'C.UTF-8',
+    LC_ALL: 'C.UTF-8',
+    TERM: 'dumb',
+    NO_COLOR: '1',
+  };
+  const tmp = process.env['TMPDIR'];
+  if (tmp) env['TMPDIR'] = tmp;
+  return env;
+}
+
+/**
+ * Run `bst --no-interactive --no-colors -c <config> ...args` in `cwd` (the project dir).
+ * HOME and XDG_{CONFIG,CACHE,DATA,RUNTIME}_HOME point into a fresh temp dir that is
+ * removed afterwards, so the real user's buildstream.conf / caches are never touched.
+ * `env` entries are added on top. Rejects only if bst cannot be spawned or exceeds
+ * `timeoutMs` (default 10 min); a non-zero exit is returned in `code`.
+ */
+export async function runBst(
+  args: string[],
+  opts: { cwd: string; config: string; env?: Record<string, string>; timeoutMs?: number },
+): Promise<BstResult> {
+  const home = await mkdtemp(join(tmpdir(), 'bst-home-'));
+  try {
+    const xdg = {
+      HOME: home,
+      XDG_CONFIG_HOME: join(home, '.config'),
+      XDG_CACHE_HOME: join(home, '.cache'),
+      XDG_DATA_HOME: join(home, '.local', 'share'),
+      XDG_RUNTIME_DIR: join(home, 'run'),
+    };
+    for (const d of Object.values(xdg)) await mkdir(d, { recursive: true, mode: 0o700 });
+    const config = isAbsolute(opts.config) ? opts.config : resolve(opts.cwd, opts.config);
+    const fullArgs = ['--no-interactive', '--no-colors', '-c', config, ...args];
+    const timeoutMs = opts.timeoutMs ?? 600_000;
+
+    return await new Promise<BstResult>((resolveRun, reject) => {
+      const child = spawn('bst', fullArgs, {
+        cwd: opts.cwd,
+        env: { ...minimalEnv(), ...xdg, ...opts.env },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      trackChild(child);
+      const out: Buffer[] = [];
+      const err: Buffer[] = [];
+      child.stdout?.on('data', (b: Buffer) => out.push(b));
+      child.stderr?.on('data', (b: Buffer) => err.push(b));
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGTERM');
+        setTimeout(() => child.kill('SIGKILL'), 5_000).unref();
+      }, timeoutMs);
+      child.once('error', (e) => {
+        clearTimeout(timer);
+        reject(new Error(`could not run bst: ${e.message}`));
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        const result: BstResult = {
+          code: code ?? 128 + (signal === 'SIGKILL' ? 9 : 15),
+          stdout: Buffer.concat(out).toString('utf8'),
+          stderr: Buffer.concat(err).toString('utf8'),
+        };
+        if (timedOut) {
+          reject(
+            new Error(`bst ${args.join(' ')} timed out after ${timeoutMs} ms\n--- stderr ---\n${result.stderr}`),
+          );
+        } else {
+          resolveRun(result);
+        }
+      });
+    });
+  } finally {
+    await rm(home, { recursive: true, force: true });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Inspecting results
+// ---------------------------------------------------------------------------
+
+/**
+ * The artifact refs (`<project>/<element-normal-name>/<cache-key>`) under
+ * `<artifactdir>/cas/refs/heads`, sorted. A server repo has the same layout, so pass the
+ * reference server's `repo` to list what it holds. Missing directory -> [].
+ */
+export async function listArtifactRefs(artifactdir: string): Promise<string[]> {
+  const heads = join(artifactdir, 'cas', 'refs', 'heads');
+  const refs: string[] = [];
+  const walk = async (dir: string, prefix: string): Promise<void> => {
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT' && prefix === '') return;
+      throw e;
+    }
+    for (const entry of entries) {
+      const rel = prefix === '' ? entry.name : `${prefix}/${entry.name}`;
+      if (entry.isDirectory()) await walk(join(dir, entry.name), rel);
+      else if (entry.isFile()) refs.push(rel);
+    }
+  };
+  await walk(heads, '');
+  return refs.sort();
+}
+
+type Kind = 'file' | 'dir' | 'symlink' | 'other';
+
+async function describeTree(root: string): Promise<Map<string, { kind: Kind; abs: string; mode: number; size: number }>> {
+  const out = new Map<string, { kind: Kind; abs: string; mode: number; size: number }>();
+  const walk = async (dir: string, prefix: string): Promise<void> => {
+    for (const name of await readdir(dir)) {
+      const abs = join(dir, name);
+      const rel = prefix === '' ? name : `${prefix}/${name}`;
+      const st = await lstat(abs);
+      const kind: Kind = st.isSymbolicLink() ? 'symlink' : st.isDirectory() ? 'dir' : st.isFile() ? 'file' : 'other';
+      out.set(rel, { kind, abs, mode: st.mode, size: st.size });
+      if (kind === 'dir') await walk(abs, rel);
+    }
+  };
+  await walk(root, '');
+  return out;
+}
+
+async function sha256File(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/**
+ * Differences between two directory trees, one human-readable line each, sorted by path;
+ * [] when identical. Compares presence, type (file/dir/symlink/other), symlink targets
+ * (never followed), file size and content, and the executable bit (owner x, which is all
+ * REAPI's `is_executable` carries). Other permission bits, owners and times are ignored.
+ */
+export async function compareTrees(a: string, b: string): Promise<string[]> {
+  const [ta, tb] = await Promise.all([describeTree(a), describeTree(b)]);
+  const diffs: string[] = [];
+  // Paths already reported as missing or of another type: their children are not
+  // reported again. A parent sorts before its children, so one pass is enough.
+  const cut = new Set<string>();
+  const paths = [...new Set([...ta.keys(), ...tb.keys()])].sort();
+  for (const path of paths) {
+    if (cut.has(posix.dirname(path))) {
+      cut.add(path);
+      continue;
+    }
+    const ea = ta.get(path);
+    const eb = tb.get(path);
+    if (!ea || !eb) {
+      diffs.push(`${path}: only in ${ea ? 'a' : 'b'} (${(ea ?? eb)?.kind ?? '?'})`);
+      cut.add(path);
+      continue;
+    }
+    if (ea.kind !== eb.kind) {
+      diffs.push(`${path}: type differs (a: ${ea.kind}, b: ${eb.kind})`);
+      cut.add(path);
+      continue;
+    }
+    if (ea.kind === 'symlink') {
+      const [la, lb] = await Promise.all([readlink(ea.abs), readlink(eb.abs)]);
+      if (la !== lb) diffs.push(`${path}: symlink target differs (a: ${la}, b: ${lb})`);
+    } else if (ea.kind === 'file') {
+      const xa = (ea.mode & 0o100) !== 0;
+      const xb = (eb.mode & 0o100) !== 0;
+      if (xa !== xb) diffs.push(`${path}: executable bit differs (a: ${xa}, b: ${xb})`);
+      if (ea.size !== eb.size) {
+        diffs.push(`${path}: size differs (a: ${ea.size}, b: ${eb.size})`);
+      } else {
+        const [ha, hb] = await Promise.all([sha256File(ea.abs), sha256File(eb.abs)]);
+        if (ha !== hb) diffs.push(`${path}: content differs`);
+      }
+    }
+  }
+  return diffs;
+}
