@@ -1,0 +1,78 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/digest.js';
+import { parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
+import { parseRefsText } from '../src/cli/refs-file.js';
+import { isMirrorError } from '../src/errors.js';
+import { parseUpstreamUrl } from '../src/remote/upstream.js';
+import { splitListen } from '../src/server/server.js';
+
+const H = 'a'.repeat(64);
+
+test('digests from the wire are validated', () => {
+  assert.deepEqual(fromWire({ hash: H, sizeBytes: 5n }), { hash: H, sizeBytes: 5 });
+  assert.deepEqual(digestOf(Buffer.alloc(0)), EMPTY_DIGEST);
+  const bad: [string, bigint, RegExp][] = [
+    ['A'.repeat(64), 1n, /64 lowercase hex/],
+    ['zz', 1n, /64 lowercase hex/],
+    [H, -1n, /negative size/],
+    [H, 1n << 60n, /over the maximum/],
+    [H, 0n, /not the empty blob/],
+  ];
+  for (const [hash, size, message] of bad) {
+    assert.throws(() => fromWire({ hash, sizeBytes: size }), (e: unknown) => isMirrorError(e, 'INVALID_ARGUMENT') && message.test(e.message));
+  }
+  assert.throws(() => fromWire(undefined, 'root_digest'), /root_digest is missing/);
+});
+
+test('ByteStream resource names', () => {
+  assert.deepEqual(parseResourceName(`blobs/${H}/12`, 'read'), { instanceName: '', digest: { hash: H, sizeBytes: 12 } });
+  assert.deepEqual(parseResourceName(`main/sub/blobs/${H}/12`, 'read').instanceName, 'main/sub');
+  assert.equal(parseResourceName(`uploads/3f1c-aa/blobs/${H}/12/meta/x`, 'write').digest.sizeBytes, 12);
+  for (const name of [
+    `blobs/${H}/12/extra`,
+    `../blobs/${H}/12`,
+    `a/../blobs/${H}/12`,
+    `blobs/${H}`,
+    `blobs/${H}/-1`,
+    `blobs/${H}/1e3`,
+    `blobs/../../etc/passwd/1`,
+    `compressed-blobs/zstd/${H}/12`,
+    '',
+  ]) {
+    assert.throws(() => parseResourceName(name, 'read'), (e: unknown) => isMirrorError(e, 'INVALID_ARGUMENT'), name);
+  }
+});
+
+test('BuildStream names and URNs', () => {
+  const key = 'b'.repeat(64);
+  assert.deepEqual(
+    parseUserName(`proj/base-tree/${key}`).map((n) => n.urn),
+    [`${URN_PREFIX}artifact:proj/base-tree/${key}`, `${URN_PREFIX}v1:proj/base-tree/${key}`],
+  );
+  assert.equal(parseUrn(`${URN_PREFIX}v1:proj/el/${key}`).kind, 'ref');
+  assert.equal(parseUrn(`${URN_PREFIX}v1:proj/el/${key}`).key, `proj/el/${key}`);
+  assert.equal(parseUrn(`${URN_PREFIX}source:${key}`).kind, 'element-sources');
+  assert.equal(parseUrn(`${URN_PREFIX}source:git/${key}`).kind, 'source');
+  for (const bad of ['https://example.com/x', `${URN_PREFIX}bogus:x`, `${URN_PREFIX}artifact:a/b`, `${URN_PREFIX}artifact:a/../c`, `${URN_PREFIX}source:a/b/c`]) {
+    assert.throws(() => parseUrn(bad), (e: unknown) => isMirrorError(e, 'INVALID_ARGUMENT'), bad);
+  }
+  assert.throws(() => parseUserName('  '), /empty name/);
+});
+
+test('refs files allow comments and blank lines', () => {
+  assert.deepEqual(parseRefsText('# wanted\n\nproj/a/k1  # trailing\r\n  urn:x  \n#x\n'), ['proj/a/k1', 'urn:x']);
+});
+
+test('upstream URLs and listen addresses', () => {
+  assert.deepEqual(parseUpstreamUrl('http://cache:11001'), { target: 'cache:11001', tls: false });
+  assert.deepEqual(parseUpstreamUrl('https://cache.example.org'), { target: 'cache.example.org:443', tls: true });
+  assert.throws(() => parseUpstreamUrl('grpc://x:1'), /only http and https/);
+  assert.throws(() => parseUpstreamUrl('http://x:1/main'), /--instance-name/);
+  assert.throws(() => parseUpstreamUrl('not a url'), /not a URL/);
+  assert.deepEqual(splitListen('127.0.0.1:0'), { host: '127.0.0.1', port: 0 });
+  assert.deepEqual(splitListen('[::1]:11001'), { host: '::1', port: 11001 });
+  assert.deepEqual(splitListen(':11001'), { host: '0.0.0.0', port: 11001 });
+  assert.throws(() => splitListen('localhost'), /HOST:PORT/);
+  assert.throws(() => splitListen('h:99999'), /HOST:PORT/);
+});
