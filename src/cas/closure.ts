@@ -2,6 +2,8 @@ import { Artifact } from '../gen/buildstream/v2/artifact.js';
 import { Source } from '../gen/buildstream/v2/source.js';
 import { Directory } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { MirrorError, errorMessage } from '../errors.js';
+import type { NameRecord } from './content-store.js';
+import { parseUrn } from './names.js';
 import { type Digest, type WireDigest, digestKey, fromWire, isEmptyDigest } from './digest.js';
 
 /** What a name needs besides its own digest: whole Directory trees and single blobs. */
@@ -95,4 +97,47 @@ export function uniqueDigests(ds: Iterable<Digest>): Digest[] {
     }
   }
   return out;
+}
+
+/**
+ * Why a recorded name's closure is incomplete, or undefined when every blob it needs is there.
+ * `read` returns a blob's bytes or undefined when it is missing or unusable; `findMissing`
+ * returns the digests (of those given) that are unusable.
+ */
+export async function closureProblem(
+  urn: string,
+  record: Pick<NameRecord, 'type' | 'digest' | 'referencedBlobs' | 'referencedDirectories'>,
+  read: (d: Digest) => Promise<Buffer | undefined>,
+  findMissing: (ds: readonly Digest[]) => Promise<Digest[]>,
+): Promise<string | undefined> {
+  try {
+    const trees = [...record.referencedDirectories];
+    const files = [...record.referencedBlobs];
+    if (record.type === 'directory') trees.push(record.digest);
+    else {
+      const data = await read(record.digest);
+      if (!data) return `its ${digestKey(record.digest)} blob is missing or bad`;
+      const roots = parseUrn(urn).kind === 'artifact' ? artifactRoots(data, record.digest, false) : sourceRoots(data, record.digest);
+      trees.push(...roots.directories);
+      files.push(...roots.blobs);
+    }
+    let level = uniqueDigests(trees);
+    const seen = new Set<string>();
+    while (level.length > 0) {
+      const next: Digest[] = [];
+      for (const d of level) {
+        seen.add(digestKey(d));
+        const data = await read(d);
+        if (!data) return `directory ${digestKey(d)} is missing or bad`;
+        const children = parseDirectory(data, d);
+        files.push(...children.files);
+        next.push(...children.directories.filter((c) => !seen.has(digestKey(c))));
+      }
+      level = uniqueDigests(next);
+    }
+    const missing = await findMissing(uniqueDigests(files));
+    return missing[0] ? `blob ${digestKey(missing[0])} is missing or bad` : undefined;
+  } catch (err) {
+    return errorMessage(err);
+  }
 }

@@ -53,6 +53,12 @@ export interface ContentStore {
   /** Stores several small blobs with one index update; each is verified as by write(). */
   writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void>;
 
+  /**
+   * True when blobs were removed as damaged (bit rot, lost files) since the last repair or
+   * re-fetch. Names recorded before may then have incomplete closures, so lookups check them whole.
+   */
+  hasDamagedBlobs(): boolean;
+
   /** The record of a name (by canonical URN), or undefined. */
   getName(urn: string): Promise<NameRecord | undefined>;
   /** Records a name. Callers must have stored the name's whole closure first. */

@@ -39,6 +39,9 @@ export class DiskContentStore implements ContentStore {
   private readonly db: Level<string, string>;
   private readonly blobs;
   private readonly nameIndex;
+  /** Blobs removed as damaged since the last repair: hash -> why. See hasDamagedBlobs(). */
+  private readonly damaged;
+  private damagedCount = 0;
   private readonly log: Logger;
   private readonly tmpDir: string;
   private readonly objectsDir: string;
@@ -52,6 +55,7 @@ export class DiskContentStore implements ContentStore {
     this.db = db;
     this.blobs = db.sublevel<string, string>('blobs', { valueEncoding: 'utf8' });
     this.nameIndex = db.sublevel<string, StoredName>('names', { valueEncoding: 'json' });
+    this.damaged = db.sublevel<string, string>('damaged', { valueEncoding: 'utf8' });
     this.log = log;
     this.tmpDir = join(dir, 'tmp');
     this.objectsDir = join(dir, 'cas', 'objects');
@@ -74,6 +78,7 @@ export class DiskContentStore implements ContentStore {
       throw new MirrorError('CONFIG_INVALID', `cannot open the index in ${join(dir, 'index')}: ${errorMessage(err)}`, { cause: err });
     }
     const store = new DiskContentStore(dir, db, log);
+    for await (const _ of store.damaged.keys()) store.damagedCount += 1;
     // Only the index holder writes temp files, so anything left there is from a crash.
     await rm(store.tmpDir, { recursive: true, force: true });
     await mkdir(store.tmpDir, { recursive: true });
@@ -240,14 +245,35 @@ export class DiskContentStore implements ContentStore {
     }
     const now = nowSeconds();
     await this.blobs.batch(written.map(({ digest }) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
+    if (this.damagedCount > 0) {
+      const healed = (await this.damaged.getMany(written.map((w) => w.digest.hash))).filter((v) => v !== undefined).length;
+      if (healed > 0) {
+        await this.damaged.batch(written.map(({ digest }) => ({ type: 'del' as const, key: digest.hash })));
+        this.damagedCount -= healed;
+      }
+    }
   }
 
   /** Drops a blob from the index and deletes its file (used when it is found damaged). */
   async forget(digest: Digest, why: string): Promise<void> {
     this.log.error({ digest: digestKey(digest) }, `stored blob removed: ${why}`);
     this.pendingTouches.delete(digest.hash);
-    await this.blobs.del(digest.hash);
+    if ((await this.damaged.get(digest.hash)) === undefined) this.damagedCount += 1;
+    await this.db.batch([
+      { type: 'del', key: digest.hash, sublevel: this.blobs },
+      { type: 'put', key: digest.hash, value: why, sublevel: this.damaged },
+    ]);
     await unlink(this.objectPath(digest)).catch(() => undefined);
+  }
+
+  hasDamagedBlobs(): boolean {
+    return this.damagedCount > 0;
+  }
+
+  /** Called by verify --repair once no remaining name needs a removed blob. */
+  async clearDamage(): Promise<void> {
+    await this.damaged.clear();
+    this.damagedCount = 0;
   }
 
   /** Records a blob that is already in place (used by verify to re-index orphaned objects). */

@@ -2,11 +2,9 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { readFile, stat, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { artifactRoots, parseDirectory, sourceRoots, uniqueDigests } from './closure.js';
+import { closureProblem } from './closure.js';
 import { type Digest, digestKey } from './digest.js';
 import type { DiskContentStore } from './disk-store.js';
-import { parseUrn } from './names.js';
-import { errorMessage } from '../errors.js';
 
 export interface VerifyReport {
   readonly blobsChecked: number;
@@ -85,7 +83,10 @@ export async function verifyStore(store: DiskContentStore, options: { repair: bo
   let namesChecked = 0;
   for await (const [urn, record] of store.names()) {
     namesChecked += 1;
-    const problem = await checkClosure(urn, record.digest, record.type, record.referencedBlobs, record.referencedDirectories, read, (d) => store.findMissing(d), bad);
+    const problem = await closureProblem(urn, record, read, async (ds) => {
+      const missing = await store.findMissing(ds);
+      return missing.length > 0 ? missing : ds.filter((d) => bad.has(digestKey(d)));
+    });
     if (problem) brokenNames.push({ urn, problem });
   }
   if (options.repair) {
@@ -97,6 +98,8 @@ export async function verifyStore(store: DiskContentStore, options: { repair: bo
       options.log.warn({ urn, problem }, 'name removed: its closure is incomplete');
       await store.deleteName(urn);
     }
+    // Every name left has a complete closure again.
+    await store.clearDamage();
   }
   return {
     blobsChecked,
@@ -107,52 +110,4 @@ export async function verifyStore(store: DiskContentStore, options: { repair: bo
     brokenNames,
     repaired: options.repair,
   };
-}
-
-async function checkClosure(
-  urn: string,
-  digest: Digest,
-  type: 'directory' | 'blob',
-  blobs: readonly Digest[],
-  directories: readonly Digest[],
-  read: (d: Digest) => Promise<Buffer | undefined>,
-  findMissing: (ds: readonly Digest[]) => Promise<Digest[]>,
-  bad: ReadonlyMap<string, string>,
-): Promise<string | undefined> {
-  try {
-    const trees = [...directories];
-    const files = [...blobs];
-    if (type === 'directory') trees.push(digest);
-    else {
-      const data = await read(digest);
-      if (!data) return `its ${digestKey(digest)} blob is missing or bad`;
-      // Recompute from the proto: the record's reference lists may predate --with-buildtrees.
-      const kind = parseUrn(urn).kind;
-      const roots = kind === 'artifact' ? artifactRoots(data, digest, false) : sourceRoots(data, digest);
-      trees.push(...roots.directories);
-      files.push(...roots.blobs);
-    }
-    let level = uniqueDigests(trees);
-    const seen = new Set<string>();
-    while (level.length > 0) {
-      const next: Digest[] = [];
-      for (const d of level) {
-        seen.add(digestKey(d));
-        const data = await read(d);
-        if (!data) return `directory ${digestKey(d)} is missing or bad`;
-        const children = parseDirectory(data, d);
-        files.push(...children.files);
-        next.push(...children.directories.filter((c) => !seen.has(digestKey(c))));
-      }
-      level = uniqueDigests(next);
-    }
-    const unique = uniqueDigests(files);
-    const missing = await findMissing(unique);
-    if (missing[0]) return `blob ${digestKey(missing[0])} is missing`;
-    const badOne = unique.find((d) => bad.has(digestKey(d)));
-    if (badOne) return `blob ${digestKey(badOne)} is bad`;
-    return undefined;
-  } catch (err) {
-    return errorMessage(err);
-  }
 }

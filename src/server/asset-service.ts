@@ -9,20 +9,26 @@ import {
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
 import { type Digest, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUrn } from '../cas/names.js';
+import { closureProblem } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { readOnlyError } from './cas-service.js';
 import { guardedDefinition, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName, checkNoQualifiers } from './request-checks.js';
 
 /**
- * Looks up names for the Remote Asset and ReferenceStorage services. A name is answered only if
- * its own digest and referenced blobs are still stored (a damaged blob removes them).
+ * Looks up names for the Remote Asset and ReferenceStorage services. Names are recorded only with
+ * their whole closure, so normally checking the top-level digests is enough; once the store has
+ * removed damaged blobs, a name is answered only after its whole closure is checked.
  */
 export async function lookupName(store: ContentStore, name: MirrorName): Promise<NameRecord | undefined> {
   const record = await store.getName(name.urn);
   if (record === undefined) return undefined;
   const missing = await store.findMissing([record.digest, ...record.referencedBlobs, ...record.referencedDirectories]);
-  return missing.length === 0 ? record : undefined;
+  if (missing.length > 0) return undefined;
+  if (!store.hasDamagedBlobs()) return record;
+  const read = (d: Digest) => store.readBytes(d).catch(() => undefined);
+  const problem = await closureProblem(name.urn, record, read, (ds) => store.findMissing(ds));
+  return problem === undefined ? record : undefined;
 }
 
 /** Remote Asset Fetch over the mirrored names; Push is refused (pull-only). */

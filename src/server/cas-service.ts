@@ -102,7 +102,7 @@ export class CasService {
       const nextLevel: Digest[] = [];
       for (const { digest, data } of level) {
         if (call.cancelled) return;
-        const dir = DirectoryMessage.decode(data);
+        const dir = decodeDirectory(data, digest);
         if (position >= start) {
           if (page.length >= pageSize || (page.length > 0 && pageBytes + data.byteLength > TREE_PAGE_BYTES)) await flush(String(position));
           page.push(dir);
@@ -121,6 +121,14 @@ export class CasService {
       level = loaded.filter((l): l is { digest: Digest; data: Buffer } => l.data !== undefined);
     }
     if (page.length > 0 || start >= position) await flush('');
+  }
+}
+
+function decodeDirectory(data: Buffer, digest: Digest): Directory {
+  try {
+    return DirectoryMessage.decode(data);
+  } catch (err) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a Directory: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
 }
 

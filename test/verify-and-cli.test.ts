@@ -1,0 +1,108 @@
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { readdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { toWire } from '../src/cas/digest.js';
+import { URN_PREFIX } from '../src/cas/names.js';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { call, readAll, runCli, startMirror, tempDir } from './helpers/mirror.js';
+
+const REF = `proj/el/${'1'.repeat(64)}`;
+
+async function mirrorWithOneRef(t: { after(fn: () => Promise<void>): void }) {
+  const up = new FakeUpstream('reference-storage');
+  const content = Buffer.from('important file content\n'.repeat(50));
+  const file = up.add(content);
+  const root = up.addDirectory({ files: [{ name: 'f', digest: file }] });
+  up.refs.set(REF, root);
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const sync = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
+  assert.equal(sync.code, 0, sync.stderr);
+  const objectPath = join(dir, 'cas/objects', file.hash.slice(0, 2), file.hash.slice(2));
+  return { dir, file, content, objectPath, up };
+}
+
+test('verify finds bit rot; --repair removes the blob and the names that need it; sync heals', async (t) => {
+  const { dir, objectPath, up } = await mirrorWithOneRef(t);
+  const clean = await runCli(['verify', '--dir', dir]);
+  assert.equal(clean.code, 0, clean.stdout);
+  assert.match(clean.stdout, /checked 2 blobs and 1 names\nstore is consistent/);
+
+  await writeFile(objectPath, 'rotten');
+  const found = await runCli(['verify', '--dir', dir]);
+  assert.equal(found.code, 1);
+  assert.match(found.stdout, /bad blob [0-9a-f]{64}\/1150: object file has 6 bytes/);
+  assert.match(found.stdout, new RegExp(`broken name ${URN_PREFIX}v1:${REF}`));
+  assert.match(found.stdout, /run with --repair/);
+
+  const repaired = await runCli(['verify', '--dir', dir, '--repair']);
+  assert.equal(repaired.code, 0, repaired.stdout);
+  assert.match(repaired.stdout, /\(removed\)/);
+  assert.equal((await runCli(['verify', '--dir', dir])).code, 0, 'consistent after repair');
+
+  const heal = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
+  assert.equal(heal.code, 0);
+  assert.match(heal.stdout, /mirrored 1/);
+  assert.match(heal.stdout, /transferred 1 blobs/);
+});
+
+test('bit rot is never served as valid', async (t) => {
+  const { dir, file, objectPath } = await mirrorWithOneRef(t);
+  await writeFile(objectPath, Buffer.from('important file content\n'.repeat(50)).fill(0x41, 10, 11));
+  const { clients: c } = await startMirror(t, dir);
+  const res = await call(c.cas, c.cas.batchReadBlobs, { instanceName: '', digests: [toWire(file)], digestFunction: 0 });
+  assert.equal(res.responses[0]?.status?.code, grpc.status.NOT_FOUND);
+  assert.match(res.responses[0]?.status?.message ?? '', /corrupt/);
+  // Removed, so FindMissingBlobs now says so, and the name that needs it is no longer offered.
+  assert.equal((await call(c.cas, c.cas.findMissingBlobs, { instanceName: '', blobDigests: [toWire(file)], digestFunction: 0 })).missingBlobDigests.length, 1);
+  await assert.rejects(call(c.refs, c.refs.getReference, { instanceName: '', key: REF }), (e: grpc.ServiceError) => e.code === grpc.status.NOT_FOUND);
+});
+
+test('bit rot in a large blob fails the ByteStream read instead of ending it cleanly', async (t) => {
+  const up = new FakeUpstream('remote-asset');
+  const big = Buffer.alloc(3 << 20, 7);
+  const file = up.add(big);
+  const root = up.addDirectory({ files: [{ name: 'big', digest: file }] });
+  up.assets.set(`${URN_PREFIX}v1:${REF}`, root);
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  assert.equal((await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', `${URN_PREFIX}v1:${REF}`])).code, 0);
+  const rotten = Buffer.from(big);
+  rotten[2 << 20] = 8;
+  await writeFile(join(dir, 'cas/objects', file.hash.slice(0, 2), file.hash.slice(2)), rotten);
+  const { clients: c } = await startMirror(t, dir);
+  await assert.rejects(readAll(c.bytestream, `blobs/${file.hash}/${file.sizeBytes}`), (e: grpc.ServiceError) => e.code === grpc.status.NOT_FOUND && /corrupt/.test(e.details));
+  assert.equal(createHash('sha256').update(big).digest('hex'), file.hash);
+});
+
+test('CLI: usage and configuration errors exit 2 with a message; missing names exit 1', async (t) => {
+  const dir = await tempDir(t);
+  const noNames = await runCli(['sync', '--dir', dir, '--upstream', 'http://127.0.0.1:1']);
+  assert.equal(noNames.code, 2);
+  assert.match(noNames.stderr, /give at least one --ref NAME or --refs-file FILE/);
+  const badUrl = await runCli(['sync', '--dir', dir, '--upstream', 'ftp://x', '--ref', REF]);
+  assert.equal(badUrl.code, 2);
+  assert.match(badUrl.stderr, /only http and https/);
+  const noFile = await runCli(['sync', '--dir', dir, '--upstream', 'http://127.0.0.1:1', '--refs-file', join(dir, 'nope.txt')]);
+  assert.equal(noFile.code, 2);
+  assert.match(noFile.stderr, /cannot read refs file/);
+  const badListen = await runCli(['serve', '--dir', dir, '--listen', 'nonsense']);
+  assert.equal(badListen.code, 2);
+  assert.match(badListen.stderr, /HOST:PORT/);
+  assert.equal((await runCli(['frobnicate'])).code, 2);
+
+  const up = new FakeUpstream('remote-asset');
+  await up.start();
+  t.after(() => up.stop());
+  const missing = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stdout, /missing upstream 1/);
+  assert.match(missing.stdout, /missing: proj\/el\/1+: no upstream has urn:fdc:buildstream.build:2020:artifact:proj\/el\/1+ or urn:fdc:buildstream.build:2020:v1:proj\/el\/1+/);
+  // Nothing outside the data directory was touched, and no temp file was left.
+  assert.deepEqual(await readdir(join(dir, 'tmp')), []);
+});
