@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { readFile, stat, unlink } from 'node:fs/promises';
+import { readFile, unlink } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { closureProblem } from './closure.js';
 import { type Digest, digestKey } from './digest.js';
@@ -68,16 +68,12 @@ export async function verifyStore(store: DiskContentStore, options: { repair: bo
       if (options.repair) await unlink(file.path).catch(() => undefined);
     }
   }
+  // Reads without side effects: a bad or unindexed blob is simply unusable here.
   const read = async (d: Digest): Promise<Buffer | undefined> => {
-    if (bad.has(digestKey(d))) return undefined;
-    if ((await store.findMissing([d])).length > 0) return undefined;
-    try {
-      const { size } = await stat(store.objectPath(d));
-      if (size !== d.sizeBytes) return undefined;
-      return d.sizeBytes === 0 ? Buffer.alloc(0) : await readFile(store.objectPath(d));
-    } catch {
-      return undefined;
-    }
+    if (bad.has(digestKey(d)) || (await store.findMissing([d])).length > 0) return undefined;
+    if (d.sizeBytes === 0) return Buffer.alloc(0);
+    const data = await readFile(store.objectPath(d)).catch(() => undefined);
+    return data?.byteLength === d.sizeBytes ? data : undefined;
   };
   const brokenNames: { urn: string; problem: string }[] = [];
   let namesChecked = 0;

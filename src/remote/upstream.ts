@@ -72,7 +72,6 @@ type UnaryMethod<Req, Res> = (
 
 export class GrpcUpstream implements Upstream {
   readonly name: string;
-  private readonly spec: UpstreamSpec;
   private readonly instanceName: string;
   private readonly channel: grpc.Channel;
   private readonly cas: ContentAddressableStorageClient;
@@ -84,7 +83,6 @@ export class GrpcUpstream implements Upstream {
   private token: string | undefined;
 
   private constructor(spec: UpstreamSpec, target: string, credentials: grpc.ChannelCredentials) {
-    this.spec = spec;
     this.name = spec.url;
     this.instanceName = spec.instanceName ?? '';
     this.channel = new grpc.Channel(target, credentials, {
@@ -254,10 +252,6 @@ export class GrpcUpstream implements Upstream {
     const detail = code === undefined ? errorMessage(err) : `${grpc.status[code] ?? code}: ${(err as grpc.ServiceError).details}`;
     const unavailable = code === grpc.status.UNAVAILABLE || code === grpc.status.DEADLINE_EXCEEDED;
     return new MirrorError(unavailable ? 'UPSTREAM_UNAVAILABLE' : 'UPSTREAM_ERROR', `${this.name}: ${what} failed (${detail})`, { cause: err });
-  }
-
-  toString(): string {
-    return `upstream ${this.spec.url}`;
   }
 }
 

@@ -11,8 +11,7 @@ import { type Digest, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUrn } from '../cas/names.js';
 import { closureProblem } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
-import { readOnlyError } from './cas-service.js';
-import { guardedDefinition, unary } from './handler.js';
+import { guardedDefinition, readOnlyError, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName, checkNoQualifiers } from './request-checks.js';
 
 /**

@@ -4,8 +4,7 @@ import { ByteStreamService, type ByteStreamServer, type ReadResponse } from '../
 import type { ContentStore } from '../cas/content-store.js';
 import { digestKey, parseResourceName } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
-import { readOnlyError, onceDrainOrCancel } from './cas-service.js';
-import { clientStreamRefusal, guardedDefinition, serverStream } from './handler.js';
+import { clientStreamRefusal, guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream } from './handler.js';
 
 /** google.bytestream.ByteStream: Read with offset and limit; Write is refused (pull-only). */
 export class ByteStreamReadService {

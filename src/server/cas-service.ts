@@ -10,17 +10,13 @@ import {
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
 import { MirrorError, isMirrorError } from '../errors.js';
-import { guardedDefinition, serverStream, unary } from './handler.js';
+import { guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
 import { toStatus } from './status.js';
 
 /** Directories per GetTree response message, and a byte budget that keeps messages small. */
 const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
-
-export function readOnlyError(what: string): MirrorError {
-  return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror serves a pull-only mirror; push to the upstream cache instead`);
-}
 
 /** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
 export class CasService {
@@ -130,18 +126,4 @@ function decodeDirectory(data: Buffer, digest: Digest): Directory {
   } catch (err) {
     throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a Directory: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
   }
-}
-
-export async function onceDrainOrCancel(call: grpc.ServerWritableStream<unknown, unknown>): Promise<void> {
-  await new Promise<void>((resolve) => {
-    const done = (): void => {
-      call.off('drain', done);
-      call.off('cancelled', done);
-      call.off('close', done);
-      resolve();
-    };
-    call.on('drain', done);
-    call.on('cancelled', done);
-    call.on('close', done);
-  });
 }

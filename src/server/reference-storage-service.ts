@@ -6,8 +6,7 @@ import { toWire } from '../cas/digest.js';
 import { refName } from '../cas/names.js';
 import { MirrorError } from '../errors.js';
 import { lookupName } from './asset-service.js';
-import { readOnlyError } from './cas-service.js';
-import { guardedDefinition, unary } from './handler.js';
+import { guardedDefinition, readOnlyError, unary } from './handler.js';
 
 /**
  * BuildStream 1.x's ReferenceStorage. A ref `R` is the record of `urn:…:v1:R`, so a 1.6 client in

@@ -69,6 +69,17 @@ export class FakeUpstream {
     return this.corrupt.get(hash) ?? this.blobs.get(hash);
   }
 
+  /** The first of `uris` the fake holds, as Remote Asset Fetch answers it. */
+  private findAsset(method: string, uris: string[]): { uri: string; digest: { hash: string; sizeBytes: bigint } } | { error: Partial<grpc.ServiceError> } {
+    this.hit(method);
+    if (uris.length === 0) return { error: { code: grpc.status.INVALID_ARGUMENT, details: 'no uris' } };
+    for (const uri of uris) {
+      const d = this.assets.get(uri);
+      if (d) return { uri, digest: { hash: d.hash, sizeBytes: BigInt(d.sizeBytes) } };
+    }
+    return { error: { code: grpc.status.NOT_FOUND, details: 'no such asset' } };
+  }
+
   async start(): Promise<string> {
     const server = new grpc.Server();
     const notFound = (details: string) => ({ code: grpc.status.NOT_FOUND, details });
@@ -124,20 +135,14 @@ export class FakeUpstream {
     if (this.dialect === 'remote-asset') {
       const fetch: FetchServer = {
         fetchBlob: (call, cb) => {
-          this.hit('FetchBlob');
-          if (call.request.uris.length === 0) return cb({ code: grpc.status.INVALID_ARGUMENT, details: 'no uris' });
-          const uri = call.request.uris.find((u) => this.assets.has(u));
-          const d = uri ? this.assets.get(uri) : undefined;
-          if (!uri || !d) return cb(notFound('no such asset'));
-          cb(null, { status: { code: 0, message: '' }, uri, qualifiers: [], blobDigest: { hash: d.hash, sizeBytes: BigInt(d.sizeBytes) }, digestFunction: 0 });
+          const found = this.findAsset('FetchBlob', call.request.uris);
+          if ('error' in found) return cb(found.error);
+          cb(null, { status: { code: 0, message: '' }, uri: found.uri, qualifiers: [], blobDigest: found.digest, digestFunction: 0 });
         },
         fetchDirectory: (call, cb) => {
-          this.hit('FetchDirectory');
-          if (call.request.uris.length === 0) return cb({ code: grpc.status.INVALID_ARGUMENT, details: 'no uris' });
-          const uri = call.request.uris.find((u) => this.assets.has(u));
-          const d = uri ? this.assets.get(uri) : undefined;
-          if (!uri || !d) return cb(notFound('no such asset'));
-          cb(null, { status: { code: 0, message: '' }, uri, qualifiers: [], rootDirectoryDigest: { hash: d.hash, sizeBytes: BigInt(d.sizeBytes) }, digestFunction: 0 });
+          const found = this.findAsset('FetchDirectory', call.request.uris);
+          if ('error' in found) return cb(found.error);
+          cb(null, { status: { code: 0, message: '' }, uri: found.uri, qualifiers: [], rootDirectoryDigest: found.digest, digestFunction: 0 });
         },
       };
       server.addService(FetchService, fetch);
