@@ -1,4 +1,3 @@
-import type { Readable } from 'node:stream';
 import type { Digest } from './digest.js';
 
 export interface ByteRange {
@@ -8,14 +7,19 @@ export interface ByteRange {
   readonly limit?: number | undefined;
 }
 
-/** A stored blob being read: its bytes, and a promise that settles once they were checked. */
+/** A stored blob being read: the length of the requested range and its bytes, in chunks. */
 export interface BlobReader {
+  /** Bytes the range holds (the requested range clipped to the blob). */
+  readonly length: number;
   /**
-   * The bytes, streamed. When the whole blob is read the content is rehashed as it streams; a
-   * mismatch destroys the stream with MirrorError('BLOB_CORRUPT') instead of ending it, so a
+   * Yields the range in order, `chunkBytes` at a time. Each chunk is a new buffer the caller owns,
+   * with `headroom` spare bytes in front of the data (the data is `chunk.subarray(headroom)`), so a
+   * transport can write its framing in place instead of copying every byte once more.
+   * When the whole blob is read and is due a check, it is rehashed as it is read; a mismatch
+   * throws MirrorError('BLOB_CORRUPT') in place of the last chunk (and forgets the blob), so a
    * reader never sees a clean end of bad data.
    */
-  readonly stream: Readable;
+  chunks(chunkBytes: number, headroom?: number): AsyncIterable<Buffer>;
 }
 
 /** Where a name came from and what it needs. */

@@ -1,7 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Readable, Transform, type TransformCallback } from 'node:stream';
 import { Level } from 'level';
 import type { Logger } from 'pino';
 import { MirrorError, errorMessage } from '../errors.js';
@@ -26,6 +25,24 @@ export interface BlobEntry {
 }
 
 const TOUCH_FLUSH_MS = 30_000;
+/** How long a blob hashed by this process is trusted before a read hashes it again (see open()). */
+export const DEFAULT_RECHECK_AFTER_MS = 24 * 3600 * 1000;
+/** Bounds the memory of the checked-blob table (about 150 bytes an entry). */
+const MAX_CHECKED_ENTRIES = 200_000;
+
+async function* emptyChunks(): AsyncGenerator<Buffer> {
+  // Nothing to read: the empty blob, or a range that starts at the end.
+}
+
+export interface DiskStoreOptions {
+  /**
+   * A blob read whole is rehashed as it streams unless this process wrote or hashed it less than
+   * this long ago; 0 rehashes on every read. Hashing runs at about 2 GB/s on one core, so
+   * rehashing every read would halve what one core can serve, while rot shows up on the first
+   * read after start or after this interval (and `verify` checks everything).
+   */
+  readonly recheckAfterMs?: number;
+}
 const TOUCH_FLUSH_COUNT = 10_000;
 
 /**
@@ -49,8 +66,11 @@ export class DiskContentStore implements ContentStore {
   /** Last-access updates not yet written: hash -> size. Batched so reads cost no index write. */
   private pendingTouches = new Map<string, number>();
   private touchTimer: NodeJS.Timeout | undefined;
+  /** hash -> when this process last hashed it (written or checked on read); oldest first. */
+  private readonly checkedAt = new Map<string, number>();
+  private readonly recheckAfterMs: number;
 
-  private constructor(dir: string, db: Level<string, string>, log: Logger) {
+  private constructor(dir: string, db: Level<string, string>, log: Logger, options: DiskStoreOptions) {
     this.dir = dir;
     this.db = db;
     this.blobs = db.sublevel<string, string>('blobs', { valueEncoding: 'utf8' });
@@ -59,10 +79,11 @@ export class DiskContentStore implements ContentStore {
     this.log = log;
     this.tmpDir = join(dir, 'tmp');
     this.objectsDir = join(dir, 'cas', 'objects');
+    this.recheckAfterMs = options.recheckAfterMs ?? DEFAULT_RECHECK_AFTER_MS;
   }
 
   /** Opens (creating if needed) the store in `dir`. Only one process may have a store open. */
-  static async open(dir: string, log: Logger): Promise<DiskContentStore> {
+  static async open(dir: string, log: Logger, options: DiskStoreOptions = {}): Promise<DiskContentStore> {
     try {
       await mkdir(join(dir, 'cas', 'objects'), { recursive: true });
     } catch (err) {
@@ -77,7 +98,7 @@ export class DiskContentStore implements ContentStore {
       }
       throw new MirrorError('CONFIG_INVALID', `cannot open the index in ${join(dir, 'index')}: ${errorMessage(err)}`, { cause: err });
     }
-    const store = new DiskContentStore(dir, db, log);
+    const store = new DiskContentStore(dir, db, log, options);
     for await (const _ of store.damaged.keys()) store.damagedCount += 1;
     // Only the index holder writes temp files, so anything left there is from a crash.
     await rm(store.tmpDir, { recursive: true, force: true });
@@ -114,12 +135,12 @@ export class DiskContentStore implements ContentStore {
   }
 
   async read(digest: Digest, range: ByteRange = { offset: 0 }): Promise<BlobReader | undefined> {
-    if (isEmptyDigest(digest)) return { stream: Readable.from([]) };
+    if (isEmptyDigest(digest)) return { length: 0, chunks: emptyChunks };
     if (!(await this.isIndexed(digest))) return undefined;
     const path = this.objectPath(digest);
-    let fh;
+    let size: number;
     try {
-      fh = await open(path, 'r');
+      size = (await stat(path)).size;
     } catch (err) {
       if (isErrno(err, 'ENOENT')) {
         await this.forget(digest, 'its object file is missing');
@@ -127,26 +148,73 @@ export class DiskContentStore implements ContentStore {
       }
       throw err;
     }
-    const { size } = await fh.stat();
     if (size !== digest.sizeBytes) {
-      await fh.close();
       await this.forget(digest, `its object file has ${size} bytes instead of ${digest.sizeBytes}`);
       return undefined;
     }
     this.touch(digest);
-    const end = range.limit === undefined ? digest.sizeBytes : Math.min(digest.sizeBytes, range.offset + range.limit);
-    if (end <= range.offset) {
+    const start = range.offset;
+    const end = range.limit === undefined ? digest.sizeBytes : Math.min(digest.sizeBytes, start + range.limit);
+    if (end <= start) return { length: 0, chunks: emptyChunks };
+    // Only a whole-blob read can be checked against the digest as it streams.
+    const check = start === 0 && end === digest.sizeBytes && this.isDueCheck(digest);
+    return {
+      length: end - start,
+      chunks: (chunkBytes, headroom = 0) => this.readChunks(digest, path, start, end, check, chunkBytes, headroom),
+    };
+  }
+
+  private async *readChunks(digest: Digest, path: string, start: number, end: number, check: boolean, chunkBytes: number, headroom: number): AsyncGenerator<Buffer> {
+    // Opened here rather than in read(), so a reader that is never iterated holds no file.
+    const fh = await open(path, 'r');
+    const hash = check ? createHash('sha256') : undefined;
+    try {
+      for (let pos = start; pos < end; ) {
+        const n = Math.min(chunkBytes, end - pos);
+        // A fresh buffer per chunk: the transport may still hold the previous one.
+        const chunk = Buffer.allocUnsafe(headroom + n);
+        for (let filled = 0; filled < n; ) {
+          const { bytesRead } = await fh.read(chunk, headroom + filled, n - filled, pos + filled);
+          if (bytesRead === 0) throw await this.corrupt(digest, 'its object file shrank while being read');
+          filled += bytesRead;
+        }
+        pos += n;
+        if (hash) {
+          hash.update(chunk.subarray(headroom));
+          if (pos === end) {
+            if (hash.digest('hex') !== digest.hash) throw await this.corrupt(digest, 'its content no longer matches its digest');
+            this.markChecked(digest.hash);
+          }
+        }
+        yield chunk;
+      }
+    } finally {
       await fh.close();
-      return { stream: Readable.from([]) };
     }
-    const stream = fh.createReadStream({ start: range.offset, end: end - 1, highWaterMark: 1 << 20 });
-    if (range.offset !== 0 || end !== digest.sizeBytes) return { stream };
-    // A whole-blob read can be checked as it streams: bit rot must not be served as valid.
-    const verifying = new VerifyingTransform(digest, () => this.forget(digest, 'its content no longer matches its digest'));
-    // Errors and early cancellation must cross the pipe both ways, or the file stays open.
-    stream.on('error', (err) => verifying.destroy(err));
-    verifying.on('close', () => stream.destroy());
-    return { stream: stream.pipe(verifying) };
+  }
+
+  /** Forgets a damaged blob and returns the error a reader gets for it. */
+  private async corrupt(digest: Digest, why: string): Promise<MirrorError> {
+    await this.forget(digest, why);
+    return new MirrorError('BLOB_CORRUPT', `stored blob ${digestKey(digest)} is corrupt and was removed; run 'bst-cache-mirror verify --repair' and sync again`);
+  }
+
+  /** True when the blob has not been hashed by this process within `recheckAfterMs`. */
+  private isDueCheck(digest: Digest): boolean {
+    if (this.recheckAfterMs <= 0) return true;
+    const at = this.checkedAt.get(digest.hash);
+    return at === undefined || Date.now() - at >= this.recheckAfterMs;
+  }
+
+  private markChecked(hash: string): void {
+    if (this.recheckAfterMs <= 0) return;
+    // Re-inserted so the Map's order is oldest check first, which is what gets evicted.
+    this.checkedAt.delete(hash);
+    this.checkedAt.set(hash, Date.now());
+    if (this.checkedAt.size > MAX_CHECKED_ENTRIES) {
+      const oldest = this.checkedAt.keys().next();
+      if (!oldest.done) this.checkedAt.delete(oldest.value);
+    }
   }
 
   async readBytes(digest: Digest): Promise<Buffer | undefined> {
@@ -162,9 +230,10 @@ export class DiskContentStore implements ContentStore {
       }
       throw err;
     }
-    if (data.byteLength !== digest.sizeBytes || createHash('sha256').update(data).digest('hex') !== digest.hash) {
-      await this.forget(digest, 'its content no longer matches its digest');
-      throw new MirrorError('BLOB_CORRUPT', `stored blob ${digestKey(digest)} is corrupt and was removed; run 'bst-cache-mirror verify --repair' and sync again`);
+    if (data.byteLength !== digest.sizeBytes) throw await this.corrupt(digest, `its object file has ${data.byteLength} bytes instead of ${digest.sizeBytes}`);
+    if (this.isDueCheck(digest)) {
+      if (createHash('sha256').update(data).digest('hex') !== digest.hash) throw await this.corrupt(digest, 'its content no longer matches its digest');
+      this.markChecked(digest.hash);
     }
     this.touch(digest);
     return data;
@@ -243,6 +312,7 @@ export class DiskContentStore implements ContentStore {
       await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
       throw err;
     }
+    for (const { digest } of written) this.markChecked(digest.hash);
     const now = nowSeconds();
     await this.blobs.batch(written.map(({ digest }) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
     if (this.damagedCount > 0) {
@@ -258,6 +328,7 @@ export class DiskContentStore implements ContentStore {
   async forget(digest: Digest, why: string): Promise<void> {
     this.log.error({ digest: digestKey(digest) }, `stored blob removed: ${why}`);
     this.pendingTouches.delete(digest.hash);
+    this.checkedAt.delete(digest.hash);
     if ((await this.damaged.get(digest.hash)) === undefined) this.damagedCount += 1;
     await this.db.batch([
       { type: 'del', key: digest.hash, sublevel: this.blobs },
@@ -383,33 +454,4 @@ function isLockedError(err: unknown): boolean {
     if ((e as { code?: unknown }).code === 'LEVEL_LOCKED') return true;
   }
   return false;
-}
-
-/** Passes bytes through and fails the stream at the end if they do not hash to `digest`. */
-class VerifyingTransform extends Transform {
-  private readonly hash = createHash('sha256');
-  private readonly digest: Digest;
-  private readonly onCorrupt: () => Promise<void>;
-
-  constructor(digest: Digest, onCorrupt: () => Promise<void>) {
-    super();
-    this.digest = digest;
-    this.onCorrupt = onCorrupt;
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    this.hash.update(chunk);
-    done(null, chunk);
-  }
-
-  override _flush(done: TransformCallback): void {
-    if (this.hash.digest('hex') === this.digest.hash) {
-      done();
-      return;
-    }
-    this.onCorrupt().then(
-      () => done(new MirrorError('BLOB_CORRUPT', `stored blob ${digestKey(this.digest)} is corrupt and was removed; run 'bst-cache-mirror verify --repair' and sync again`)),
-      (err: unknown) => done(err instanceof Error ? err : new Error(String(err))),
-    );
-  }
 }

@@ -1,10 +1,18 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { ByteStreamService, type ByteStreamServer, type ReadResponse } from '../gen/google/bytestream/bytestream.js';
+import { ByteStreamService, type ReadRequest, type ReadResponse } from '../gen/google/bytestream/bytestream.js';
 import type { ContentStore } from '../cas/content-store.js';
 import { digestKey, parseResourceName } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
+import { BYTES_FIELD_HEADROOM, type EncodedMessage, acceptingEncoded, encodeBytesField } from './encoded-message.js';
 import { clientStreamRefusal, guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream } from './handler.js';
+
+/** Bytes per ReadResponse: what the 1.x reference server and bst use, well under clients' 4 MiB limit. */
+export const READ_CHUNK_BYTES = 1 << 20;
+/** ReadResponse.data's field number. */
+const READ_RESPONSE_DATA_FIELD = 10;
+
+type ReadCall = grpc.ServerWritableStream<ReadRequest, ReadResponse | EncodedMessage>;
 
 /** google.bytestream.ByteStream: Read with offset and limit; Write is refused (pull-only). */
 export class ByteStreamReadService {
@@ -14,14 +22,17 @@ export class ByteStreamReadService {
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
-    const impl: ByteStreamServer = {
-      read: serverStream(this.log, 'ByteStream.Read', (req, call) => this.read(req.resourceName, req.readOffset, req.readLimit, call)),
-      write: clientStreamRefusal(this.log, 'ByteStream.Write', () => readOnlyError('ByteStream.Write')),
-    };
-    server.addService(guardedDefinition(ByteStreamService), impl);
+    const definition = guardedDefinition(ByteStreamService);
+    server.addService(
+      { ...definition, read: acceptingEncoded(definition.read) },
+      {
+        read: serverStream(this.log, 'ByteStream.Read', (req: ReadRequest, call: ReadCall) => this.read(req, call)),
+        write: clientStreamRefusal(this.log, 'ByteStream.Write', () => readOnlyError('ByteStream.Write')),
+      },
+    );
   }
 
-  private async read(resourceName: string, readOffset: bigint, readLimit: bigint, call: grpc.ServerWritableStream<unknown, ReadResponse>): Promise<void> {
+  private async read({ resourceName, readOffset, readLimit }: ReadRequest, call: ReadCall): Promise<void> {
     const { digest } = parseResourceName(resourceName, 'read');
     if (readLimit < 0n) throw new MirrorError('INVALID_ARGUMENT', `read_limit ${readLimit} is negative`);
     if (readOffset < 0n || readOffset > BigInt(digest.sizeBytes)) {
@@ -29,19 +40,10 @@ export class ByteStreamReadService {
     }
     const reader = await this.store.read(digest, { offset: Number(readOffset), limit: readLimit === 0n ? undefined : Number(readLimit) });
     if (reader === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is not in the mirror`);
-    const { stream } = reader;
-    const cancel = (): void => {
-      stream.destroy();
-    };
-    call.once('cancelled', cancel);
-    try {
-      for await (const chunk of stream as AsyncIterable<Buffer>) {
-        if (call.cancelled) break;
-        if (!call.write({ data: chunk })) await onceDrainOrCancel(call);
-      }
-    } finally {
-      call.off('cancelled', cancel);
-      stream.destroy();
+    // Leaving the loop early (cancel) closes the generator, and with it the file.
+    for await (const frame of reader.chunks(READ_CHUNK_BYTES, BYTES_FIELD_HEADROOM)) {
+      if (call.cancelled) break;
+      if (!call.write(encodeBytesField(READ_RESPONSE_DATA_FIELD, frame))) await onceDrainOrCancel(call);
     }
   }
 }
