@@ -1,3 +1,4 @@
+import type { MirrorError } from '../errors.js';
 import type { Digest } from './digest.js';
 
 export interface ByteRange {
@@ -52,6 +53,11 @@ export interface ContentStore {
    * Throws MirrorError('BLOB_CORRUPT') when the stored object no longer matches (and forgets it).
    */
   readBytes(digest: Digest): Promise<Buffer | undefined>;
+  /**
+   * readBytes for many small blobs with one index lookup. Each entry is the blob's content,
+   * undefined when it is not stored, or the MirrorError reading it raised (BLOB_CORRUPT).
+   */
+  readManyBytes(digests: readonly Digest[]): Promise<(Buffer | undefined | MirrorError)[]>;
   /** Stores a blob. Throws MirrorError('DIGEST_MISMATCH') and stores nothing if content does not match. */
   write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void>;
   /** Stores several small blobs with one index update; each is verified as by write(). */

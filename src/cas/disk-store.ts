@@ -1,5 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { readFile as readFileCallback } from 'node:fs';
+import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Level } from 'level';
 import type { Logger } from 'pino';
@@ -218,11 +219,33 @@ export class DiskContentStore implements ContentStore {
   }
 
   async readBytes(digest: Digest): Promise<Buffer | undefined> {
-    if (isEmptyDigest(digest)) return Buffer.alloc(0);
-    if (!(await this.isIndexed(digest))) return undefined;
+    const [result] = await this.readManyBytes([digest]);
+    if (result instanceof MirrorError) throw result;
+    return result;
+  }
+
+  async readManyBytes(digests: readonly Digest[]): Promise<(Buffer | undefined | MirrorError)[]> {
+    const entries = await this.blobs.getMany(digests.map((d) => d.hash));
+    return Promise.all(
+      digests.map(async (digest, i) => {
+        if (isEmptyDigest(digest)) return Buffer.alloc(0);
+        const entry = entries[i];
+        if (entry === undefined || entrySize(entry) !== digest.sizeBytes) return undefined;
+        try {
+          return await this.readIndexed(digest);
+        } catch (err) {
+          if (err instanceof MirrorError) return err;
+          throw err;
+        }
+      }),
+    );
+  }
+
+  /** Reads an indexed blob whole, checking it when due. */
+  private async readIndexed(digest: Digest): Promise<Buffer | undefined> {
     let data: Buffer;
     try {
-      data = await readFile(this.objectPath(digest));
+      data = await readWholeFile(this.objectPath(digest));
     } catch (err) {
       if (isErrno(err, 'ENOENT')) {
         await this.forget(digest, 'its object file is missing');
@@ -430,6 +453,16 @@ function fromStoredName(s: StoredName): NameRecord {
     upstream: s.upstream,
     fetchedAt: s.fetchedAt,
   };
+}
+
+/**
+ * fs.readFile with a callback: about twice the small-file rate of fs/promises' readFile, whose
+ * FileHandle costs extra round trips to the thread pool (measured on 1-64 KiB blobs).
+ */
+function readWholeFile(path: string): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    readFileCallback(path, (err, data) => (err ? reject(err) : resolve(data)));
+  });
 }
 
 function entrySize(entry: string): number {

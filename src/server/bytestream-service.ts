@@ -5,10 +5,12 @@ import type { ContentStore } from '../cas/content-store.js';
 import { digestKey, parseResourceName } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
 import { BYTES_FIELD_HEADROOM, type EncodedMessage, acceptingEncoded, encodeBytesField } from './encoded-message.js';
-import { clientStreamRefusal, guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream } from './handler.js';
+import { boundedWriter, clientStreamRefusal, guardedDefinition, readOnlyError, serverStream } from './handler.js';
 
 /** Bytes per ReadResponse: what the 1.x reference server and bst use, well under clients' 4 MiB limit. */
 export const READ_CHUNK_BYTES = 1 << 20;
+/** Chunks a read may have queued for HTTP/2 at once: enough to keep the socket busy, and a bound on memory per reader. */
+const READ_CHUNKS_IN_FLIGHT = 4;
 /** ReadResponse.data's field number. */
 const READ_RESPONSE_DATA_FIELD = 10;
 
@@ -40,10 +42,11 @@ export class ByteStreamReadService {
     }
     const reader = await this.store.read(digest, { offset: Number(readOffset), limit: readLimit === 0n ? undefined : Number(readLimit) });
     if (reader === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is not in the mirror`);
+    const out = boundedWriter(call, READ_CHUNKS_IN_FLIGHT);
     // Leaving the loop early (cancel) closes the generator, and with it the file.
     for await (const frame of reader.chunks(READ_CHUNK_BYTES, BYTES_FIELD_HEADROOM)) {
       if (call.cancelled) break;
-      if (!call.write(encodeBytesField(READ_RESPONSE_DATA_FIELD, frame))) await onceDrainOrCancel(call);
+      await out.write(encodeBytesField(READ_RESPONSE_DATA_FIELD, frame));
     }
   }
 }

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import {
-  type BatchReadBlobsResponse_Response,
+  type BatchReadBlobsRequest,
   ContentAddressableStorageService,
   type ContentAddressableStorageServer,
   type Directory,
@@ -9,7 +9,9 @@ import {
 } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
-import { MirrorError, isMirrorError } from '../errors.js';
+import { MirrorError } from '../errors.js';
+import { type BatchReadEntry, encodeBatchReadBlobsResponse } from './batch-read-response.js';
+import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
 import { guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
 import { toStatus } from './status.js';
@@ -17,6 +19,7 @@ import { toStatus } from './status.js';
 /** Directories per GetTree response message, and a byte budget that keeps messages small. */
 const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
+const NO_DATA = Buffer.alloc(0);
 
 /** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
 export class CasService {
@@ -28,22 +31,12 @@ export class CasService {
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
     const log = this.log;
-    const impl: ContentAddressableStorageServer = {
+    const impl: Pick<ContentAddressableStorageServer, 'findMissingBlobs' | 'batchUpdateBlobs' | 'getTree'> = {
       findMissingBlobs: unary(log, 'FindMissingBlobs', async (req) => {
         checkInstanceName(req.instanceName);
         checkDigestFunction(req.digestFunction);
         const digests = req.blobDigests.map((d, i) => fromWire(d, `blob_digests[${i}]`));
         return { missingBlobDigests: (await this.store.findMissing(digests)).map(toWire) };
-      }),
-      batchReadBlobs: unary(log, 'BatchReadBlobs', async (req) => {
-        checkInstanceName(req.instanceName);
-        checkDigestFunction(req.digestFunction);
-        const digests = req.digests.map((d, i) => fromWire(d, `digests[${i}]`));
-        const total = digests.reduce((n, d) => n + d.sizeBytes, 0);
-        if (total > this.maxBatchBytes) {
-          throw new MirrorError('BATCH_TOO_LARGE', `BatchReadBlobs asks for ${total} bytes, over max_batch_total_size_bytes (${this.maxBatchBytes}); read large blobs with ByteStream`);
-        }
-        return { responses: await Promise.all(digests.map((d) => this.readEntry(d))) };
       }),
       batchUpdateBlobs: unary(log, 'BatchUpdateBlobs', async () => {
         throw readOnlyError('BatchUpdateBlobs');
@@ -58,22 +51,31 @@ export class CasService {
         await this.streamTree(root, Number(req.pageToken || '0'), pageSize, call);
       }),
     };
-    server.addService(guardedDefinition(ContentAddressableStorageService), impl);
+    const definition = guardedDefinition(ContentAddressableStorageService);
+    const batchReadBlobs = unary(log, 'BatchReadBlobs', async (req: BatchReadBlobsRequest): Promise<EncodedMessage> => {
+      checkInstanceName(req.instanceName);
+      checkDigestFunction(req.digestFunction);
+      const digests = req.digests.map((d, i) => fromWire(d, `digests[${i}]`));
+      const total = digests.reduce((n, d) => n + d.sizeBytes, 0);
+      if (total > this.maxBatchBytes) {
+        throw new MirrorError('BATCH_TOO_LARGE', `BatchReadBlobs asks for ${total} bytes, over max_batch_total_size_bytes (${this.maxBatchBytes}); read large blobs with ByteStream`);
+      }
+      const results = await this.store.readManyBytes(digests);
+      return encodeBatchReadBlobsResponse(digests.map((digest, i) => this.batchEntry(digest, results[i])));
+    });
+    server.addService({ ...definition, batchReadBlobs: acceptingEncoded(definition.batchReadBlobs) }, { ...impl, batchReadBlobs });
   }
 
-  private async readEntry(digest: Digest): Promise<BatchReadBlobsResponse_Response> {
+  private batchEntry(digest: Digest, result: Buffer | undefined | MirrorError): BatchReadEntry {
     const wire = toWire(digest);
-    try {
-      const data = await this.store.readBytes(digest);
-      if (data === undefined) {
-        return { digest: wire, data: Buffer.alloc(0), status: { code: grpc.status.NOT_FOUND, message: `blob ${digestKey(digest)} is not in the mirror` } };
-      }
-      return { digest: wire, data, status: { code: grpc.status.OK, message: '' } };
-    } catch (err) {
-      if (!isMirrorError(err)) throw err;
-      const { code, details } = toStatus(err, this.log, 'BatchReadBlobs');
-      return { digest: wire, data: Buffer.alloc(0), status: { code, message: details } };
+    if (result instanceof MirrorError) {
+      const { code, details } = toStatus(result, this.log, 'BatchReadBlobs');
+      return { digest: wire, data: NO_DATA, status: { code, message: details } };
     }
+    if (result === undefined) {
+      return { digest: wire, data: NO_DATA, status: { code: grpc.status.NOT_FOUND, message: `blob ${digestKey(digest)} is not in the mirror` } };
+    }
+    return { digest: wire, data: result, status: { code: grpc.status.OK, message: '' } };
   }
 
   /**
@@ -113,8 +115,13 @@ export class CasService {
           }
         }
       }
-      const loaded = await Promise.all(nextLevel.map(async (digest) => ({ digest, data: await this.store.readBytes(digest) })));
-      level = loaded.filter((l): l is { digest: Digest; data: Buffer } => l.data !== undefined);
+      const loaded = await this.store.readManyBytes(nextLevel);
+      level = [];
+      loaded.forEach((data, i) => {
+        const digest = nextLevel[i];
+        if (data instanceof MirrorError) throw data;
+        if (data !== undefined && digest !== undefined) level.push({ digest, data });
+      });
     }
     if (page.length > 0 || start >= position) await flush('');
   }

@@ -17,16 +17,34 @@ export const BYTES_FIELD_HEADROOM = 6;
  * `frame` after BYTES_FIELD_HEADROOM spare bytes: writes the tag and length into that room.
  */
 export function encodeBytesField(fieldNumber: number, frame: Buffer): EncodedMessage {
-  let length = frame.byteLength - BYTES_FIELD_HEADROOM;
-  const header = [(fieldNumber << 3) | 2];
-  while (length > 0x7f) {
-    header.push((length % 0x80) | 0x80);
-    length = Math.floor(length / 0x80);
-  }
-  header.push(length);
-  const start = BYTES_FIELD_HEADROOM - header.length;
-  frame.set(header, start);
+  const length = frame.byteLength - BYTES_FIELD_HEADROOM;
+  const start = BYTES_FIELD_HEADROOM - 1 - varintLength(length);
+  writeBytesFieldHeader(frame, start, fieldNumber, length);
   return new EncodedMessage(frame.subarray(start));
+}
+
+/** Bytes a length-delimited field takes: tag (field numbers < 16), length, content. */
+export function bytesFieldLength(contentLength: number): number {
+  return 1 + varintLength(contentLength) + contentLength;
+}
+
+/** Writes a length-delimited field's tag and length at `offset`; returns where its content goes. */
+export function writeBytesFieldHeader(buf: Buffer, offset: number, fieldNumber: number, contentLength: number): number {
+  let at = offset;
+  buf[at++] = (fieldNumber << 3) | 2;
+  let rest = contentLength;
+  while (rest > 0x7f) {
+    buf[at++] = (rest % 0x80) | 0x80;
+    rest = Math.floor(rest / 0x80);
+  }
+  buf[at++] = rest;
+  return at;
+}
+
+function varintLength(value: number): number {
+  let n = 1;
+  for (let rest = value; rest > 0x7f; rest = Math.floor(rest / 0x80)) n += 1;
+  return n;
 }
 
 /** A method definition whose responses may also be EncodedMessage. */

@@ -114,3 +114,37 @@ export async function onceDrainOrCancel(call: grpc.ServerWritableStream<unknown,
     call.on('close', done);
   });
 }
+
+/**
+ * Writes to a server stream with at most `maxInFlight` messages not yet handed to HTTP/2.
+ * grpc-js only pushes back once 16 messages are queued (16 MiB a call for ByteStream), so bounding
+ * it here keeps memory flat however many clients read at once. write() resolves once the message
+ * is queued and the window has room again, or the client went away.
+ */
+export function boundedWriter<Res>(call: grpc.ServerWritableStream<unknown, Res>, maxInFlight: number): { write(message: Res): Promise<void> } {
+  let inFlight = 0;
+  let wake: (() => void) | undefined;
+  const settled = (): void => {
+    inFlight -= 1;
+    wake?.();
+  };
+  return {
+    async write(message: Res): Promise<void> {
+      inFlight += 1;
+      call.write(message, settled);
+      while (inFlight >= maxInFlight && !call.cancelled && !call.destroyed) {
+        await new Promise<void>((resolve) => {
+          const done = (): void => {
+            wake = undefined;
+            call.off('cancelled', done);
+            call.off('close', done);
+            resolve();
+          };
+          wake = done;
+          call.once('cancelled', done);
+          call.once('close', done);
+        });
+      }
+    },
+  };
+}
