@@ -1,84 +1,77 @@
 /**
- * Benchmarks: the mirror and BuildStream 1.6's reference server (`buildstream._artifactcache.
- * casserver`, from Debian's `buildstream`) serve the same generated blobs on 127.0.0.1; one load
- * generator (this process, grpc-js clients) measures both in the same run and prints the figures,
- * their ratio, and this machine's loopback and disk limits. Never part of `npm test`.
+ * The benchmark suite: the mirror against BuildStream 1.6's reference server
+ * (`buildstream._artifactcache.casserver` from Debian's `buildstream`), on the same data, in the
+ * same run, both on 127.0.0.1. Never part of `npm test`.
  *
- *   npm run bench [-- --large-mib 64 --small-blobs 20000 --index-blobs 100000 --seconds 5]
+ *   npm run bench                      # everything (~15 min on 2 cores, ~12 GB of scratch disk)
+ *   npm run bench -- --quick           # small sizes, to check the suite itself (~2 min)
+ *   npm run bench -- --skip-bst        # only the serving benchmarks (no bst build/pull)
  *
- * Both servers run as child processes, so the mirror's peak RSS (VmHWM) can be read from /proc.
- * Results are printed and saved under scripts/bench/results/.
+ * Serving benchmarks use one load generator for both servers: scripts/bench/loadgen.py, the gRPC
+ * C core client (python3-grpcio) and REAPI stubs BuildStream 1.6 itself uses. Sync and real-client
+ * benchmarks run the real `bst` (build, push, pull). The mirror runs from the built CLI
+ * (`dist/`), as users run it. Results are printed and saved under scripts/bench/results/.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { link, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { createServer, connect } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import * as grpc from '@grpc/grpc-js';
-import { ContentAddressableStorageClient } from '../../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
-import { ByteStreamClient } from '../../src/gen/google/bytestream/bytestream.js';
-import { type Digest, toWire } from '../../src/cas/digest.js';
+import pLimit from 'p-limit';
+import type { Digest } from '../../src/cas/digest.js';
 import { DiskContentStore } from '../../src/cas/disk-store.js';
 import { silentLogger } from '../../src/log.js';
+import { type Workload, prepareWorkload, settleDisk, timeBstPull } from './bst-workloads.js';
+import { batchReadBlobsPerSecond, byteStreamMBps, findMissingLatency, writeDigestList } from './loadgen.js';
+import { ROOT, type RunningServer, runMirrorCli, startMirror, startReference } from './processes.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+const MiB = 1 << 20;
 const { values: opts } = parseArgs({
   options: {
-    'large-mib': { type: 'string', default: '64' },
-    'small-blobs': { type: 'string', default: '20000' },
-    'index-blobs': { type: 'string', default: '100000' },
-    seconds: { type: 'string', default: '5' },
+    quick: { type: 'boolean', default: false },
+    'skip-bst': { type: 'boolean', default: false },
+    seconds: { type: 'string' },
+    'index-blobs': { type: 'string' },
+    'sync-mb': { type: 'string' },
+    'sync-blobs': { type: 'string' },
+    'huge-mib': { type: 'string' },
   },
 });
-const LARGE = Number(opts['large-mib']) << 20;
-const SMALL_COUNT = Number(opts['small-blobs']);
-const INDEX_COUNT = Number(opts['index-blobs']);
-const SECONDS = Number(opts.seconds);
+const quick = opts.quick;
+const num = (v: string | undefined, full: number, small: number): number => (v === undefined ? (quick ? small : full) : Number(v));
+const SECONDS = num(opts.seconds, 5, 2);
+const LARGE = 64 * MiB;
+const VERY_LARGE = num(undefined, 1024, 128) * MiB;
+const SMALL_COUNT = 10_000;
+const INDEX_COUNT = num(opts['index-blobs'], 1_000_000, 50_000);
+const SYNC_BYTES = num(opts['sync-mb'], 1000, 50) * 1e6;
+const SYNC_BLOBS = num(opts['sync-blobs'], 10_000, 1000);
+const HUGE = num(opts['huge-mib'], 2048, 256) * MiB;
 
-interface Server {
-  name: string;
-  target: string;
-  pid: number;
-  stop(): Promise<void>;
+interface Row {
+  what: string;
+  unit: string;
+  mirror: number;
+  reference: number | undefined;
+  /** How many times better the mirror is (direction depends on the unit). */
+  advantage: number | undefined;
+  note?: string;
 }
 
-function startChild(name: string, cmd: string, args: string[], ready: RegExp): Promise<Server> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      const m = ready.exec(out);
-      if (m?.[1]) {
-        resolve({
-          name,
-          target: m[1],
-          pid: child.pid ?? 0,
-          stop: () =>
-            new Promise<void>((res) => {
-              child.once('close', () => res());
-              child.kill('SIGTERM');
-            }),
-        });
-      }
-    });
-    child.once('close', (code) => reject(new Error(`${name} exited (${code}) before listening: ${err}`)));
-  });
+const lines: string[] = [];
+function say(s = ''): void {
+  lines.push(s);
+  process.stdout.write(`${s}\n`);
+}
+function progress(s: string): void {
+  process.stderr.write(`[bench] ${s}\n`);
 }
 
-async function peakRssMiB(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? 0) / 1024;
-}
-
-function sha(b: Buffer): string {
-  return createHash('sha256').update(b).digest('hex');
+function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
 }
 
 /** Raw loopback TCP throughput (MB/s): one socket, 1 MiB writes, for `seconds`. */
@@ -89,171 +82,228 @@ async function loopbackLimit(seconds: number): Promise<number> {
   const port = (server.address() as { port: number }).port;
   const sock = connect(port, '127.0.0.1');
   await new Promise<void>((r) => sock.once('connect', () => r()));
-  const chunk = Buffer.alloc(1 << 20, 1);
-  const end = Date.now() + seconds * 1000;
-  const start = Date.now();
-  while (Date.now() < end) if (!sock.write(chunk)) await new Promise((r) => sock.once('drain', r));
-  const elapsed = (Date.now() - start) / 1000;
+  const chunk = Buffer.alloc(MiB, 1);
+  const start = performance.now();
+  while (performance.now() - start < seconds * 1000) if (!sock.write(chunk)) await new Promise((r) => sock.once('drain', r));
+  const elapsed = (performance.now() - start) / 1000;
   sock.destroy();
   server.close();
   return received / elapsed / 1e6;
 }
 
-async function diskReadLimit(path: string): Promise<number> {
-  const start = process.hrtime.bigint();
-  let n = 0;
-  for await (const c of createReadStream(path, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) n += c.byteLength;
-  return n / (Number(process.hrtime.bigint() - start) / 1e9) / 1e6;
-}
-
-async function readStream(client: ByteStreamClient, d: Digest): Promise<number> {
-  let n = 0;
-  const call = client.read({ resourceName: `blobs/${d.hash}/${d.sizeBytes}`, readOffset: 0n, readLimit: 0n });
-  for await (const m of call as AsyncIterable<{ data: Buffer }>) n += m.data.byteLength;
-  if (n !== d.sizeBytes) throw new Error(`short read ${n}`);
-  return n;
-}
-
-/** ByteStream Read MB/s with `readers` concurrent readers for `SECONDS`. */
-async function byteStreamThroughput(target: string, d: Digest, readers: number): Promise<number> {
-  const clients = Array.from({ length: readers }, () => new ByteStreamClient(target, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 << 20 }));
-  const end = Date.now() + SECONDS * 1000;
-  const start = Date.now();
-  let bytes = 0;
-  await Promise.all(clients.map(async (c) => {
-    while (Date.now() < end) bytes += await readStream(c, d);
-  }));
-  clients.forEach((c) => c.close());
-  return bytes / ((Date.now() - start) / 1000) / 1e6;
-}
-
-function unary<Res>(fn: (cb: (e: grpc.ServiceError | null, r: Res) => void) => void): Promise<Res> {
-  return new Promise((res, rej) => fn((e, r) => (e ? rej(e) : res(r))));
-}
-
-/** BatchReadBlobs blobs/s: batches up to 1 MiB, 4 in flight, for `SECONDS`. */
-async function batchThroughput(target: string, blobs: Digest[]): Promise<number> {
-  const client = new ContentAddressableStorageClient(target, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 << 20 });
-  const batches: Digest[][] = [];
-  let cur: Digest[] = [];
-  let size = 0;
-  for (const d of blobs) {
-    if (size + d.sizeBytes > (1 << 20) - 64 * 1024 && cur.length) {
-      batches.push(cur);
-      cur = [];
-      size = 0;
+/** Sequential read MB/s of a file; `cold` first asks the kernel to drop its page cache (root only). */
+async function diskReadLimit(path: string, cold: boolean): Promise<number | undefined> {
+  if (cold) {
+    try {
+      execFileSync('sync');
+      await writeFile('/proc/sys/vm/drop_caches', '3\n');
+    } catch {
+      return undefined;
     }
-    cur.push(d);
-    size += d.sizeBytes;
   }
-  if (cur.length) batches.push(cur);
-  const end = Date.now() + SECONDS * 1000;
-  const start = Date.now();
-  let count = 0;
-  let next = 0;
-  await Promise.all(Array.from({ length: 4 }, async () => {
-    while (Date.now() < end) {
-      const batch = batches[next++ % batches.length] ?? [];
-      const res = await unary<{ responses: { status?: { code: number } }[] }>((cb) => client.batchReadBlobs({ instanceName: '', digests: batch.map(toWire), digestFunction: 0 }, cb));
-      if (res.responses.some((r) => (r.status?.code ?? 0) !== 0)) throw new Error('batch read miss');
-      count += batch.length;
-    }
-  }));
-  client.close();
-  return count / ((Date.now() - start) / 1000);
+  const start = performance.now();
+  let n = 0;
+  for await (const c of createReadStream(path, { highWaterMark: MiB }) as AsyncIterable<Buffer>) n += c.byteLength;
+  return n / ((performance.now() - start) / 1000) / 1e6;
 }
 
-/** FindMissingBlobs latency (ms) of 10,000 digests, half present: p50 and p99 over 50 calls. */
-async function findMissingLatency(target: string, present: Digest[]): Promise<{ p50: number; p99: number }> {
-  const client = new ContentAddressableStorageClient(target, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 << 20 });
-  const times: number[] = [];
-  for (let i = 0; i < 50; i++) {
-    const query = present.slice((i * 5000) % Math.max(1, present.length - 5000)).slice(0, 5000).map(toWire);
-    for (let j = 0; j < 5000; j++) query.push({ hash: sha(Buffer.from(`absent-${i}-${j}`)), sizeBytes: 100n });
-    const t0 = process.hrtime.bigint();
-    await unary((cb) => client.findMissingBlobs({ instanceName: '', blobDigests: query, digestFunction: 0 }, cb));
-    times.push(Number(process.hrtime.bigint() - t0) / 1e6);
+/**
+ * Streams a blob into the store without holding it in memory: a 4 MiB random pattern repeated,
+ * each copy stamped with its index so no two chunks are alike. Generated twice: once to hash it,
+ * once to store it (the store verifies the digest as it writes).
+ */
+async function writeRandomBlob(store: DiskContentStore, size: number): Promise<Digest> {
+  const pattern = randomBytes(4 * MiB);
+  function* chunks(): Generator<Buffer> {
+    for (let i = 0, left = size; left > 0; i++, left -= pattern.byteLength) {
+      const piece = Buffer.from(pattern.subarray(0, Math.min(pattern.byteLength, left)));
+      piece.writeUInt32LE(i, 0);
+      yield piece;
+    }
   }
-  client.close();
-  times.sort((a, b) => a - b);
-  return { p50: times[Math.floor(times.length * 0.5)] ?? 0, p99: times[Math.floor(times.length * 0.99)] ?? 0 };
+  const hash = createHash('sha256');
+  for (const c of chunks()) hash.update(c);
+  const digest = { hash: hash.digest('hex'), sizeBytes: size };
+  await store.write(digest, (async function* () {
+    yield* chunks();
+  })());
+  return digest;
+}
+
+/**
+ * The serving data set, in the mirror's store: a 64 MiB and a 1 GiB blob, SMALL_COUNT blobs of
+ * 1-64 KiB, and INDEX_COUNT tiny blobs so FindMissingBlobs runs against a large index. The tiny
+ * blobs are written as plain files and indexed directly (a scratch store needs no fsync per file).
+ * The reference server's repository links to the same object files.
+ */
+async function prepareServingData(mirrorDir: string, refRepo: string): Promise<{ large: Digest; veryLarge: Digest; small: Digest[]; tiny: Digest[] }> {
+  const store = await DiskContentStore.open(mirrorDir, silentLogger());
+  try {
+    const large = await writeRandomBlob(store, LARGE);
+    const veryLarge = await writeRandomBlob(store, VERY_LARGE);
+    const small: Digest[] = [];
+    for (let i = 0; i < SMALL_COUNT; i += 1000) {
+      const batch = Array.from({ length: Math.min(1000, SMALL_COUNT - i) }, (_, j) => {
+        const data = randomBytes(1024 + (((i + j) * 7919) % (63 * 1024)));
+        return { digest: { hash: sha256(data), sizeBytes: data.byteLength }, data };
+      });
+      await store.writeMany(batch);
+      small.push(...batch.map((b) => b.digest));
+    }
+    progress(`indexing ${INDEX_COUNT} tiny blobs`);
+    const tiny: Digest[] = [];
+    const limit = pLimit(64);
+    for (let i = 0; i < INDEX_COUNT; i += 10_000) {
+      const batch = Array.from({ length: Math.min(10_000, INDEX_COUNT - i) }, (_, j) => {
+        const data = Buffer.from(`tiny blob ${i + j}`);
+        return { digest: { hash: sha256(data), sizeBytes: data.byteLength }, data };
+      });
+      await Promise.all(batch.map(({ digest, data }) => limit(async () => {
+        const path = store.objectPath(digest);
+        await mkdir(join(path, '..'), { recursive: true });
+        await writeFile(path, data);
+        await store.index(digest);
+      })));
+      tiny.push(...batch.map((b) => b.digest));
+    }
+    await mkdir(join(refRepo, 'cas/refs/heads'), { recursive: true });
+    await symlink(join(mirrorDir, 'cas/objects'), join(refRepo, 'cas/objects'));
+    return { large, veryLarge, small, tiny };
+  } finally {
+    await store.close();
+  }
+}
+
+function fmt(n: number): string {
+  return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2);
+}
+
+async function servingBenchmarks(work: string, rows: Row[], loopback: number): Promise<void> {
+  const mirrorDir = join(work, 'serving-mirror');
+  const refRepo = join(work, 'serving-reference');
+  progress('generating the serving data set');
+  const data = await prepareServingData(mirrorDir, refRepo);
+  const smallList = await writeDigestList(join(work, 'small.txt'), data.small);
+  // FindMissing's present half: a sample spread over the whole index.
+  const step = Math.max(1, Math.floor(data.tiny.length / 50_000));
+  const presentList = await writeDigestList(join(work, 'present.txt'), data.tiny.filter((_, i) => i % step === 0));
+
+  const mirror = await startMirror(mirrorDir);
+  const reference = await startReference(refRepo);
+  try {
+    const both = async (what: string, unit: string, fn: (s: RunningServer) => Promise<number>, higherIsBetter: boolean, note?: string): Promise<void> => {
+      progress(what);
+      const m = await fn(mirror);
+      const r = await fn(reference);
+      rows.push({ what, unit, mirror: m, reference: r, advantage: higherIsBetter ? m / r : r / m, ...(note ? { note } : {}) });
+    };
+    const ofLoopback = (mbps: number): string => `${((mbps / loopback) * 100).toFixed(0)}% of loopback`;
+    for (const [blob, label] of [[data.large, '64 MiB'], [data.veryLarge, `${VERY_LARGE / MiB} MiB`]] as const) {
+      for (const readers of [1, 8]) {
+        await both(`ByteStream Read ${label} blob, ${readers} reader${readers > 1 ? 's' : ''}`, 'MB/s', (s) => byteStreamMBps(s.target, blob, readers, SECONDS), true);
+        const row = rows[rows.length - 1];
+        if (row) row.note = ofLoopback(row.mirror);
+      }
+    }
+    await both('BatchReadBlobs, 1-64 KiB blobs, 4 calls in flight', 'blobs/s', (s) => batchReadBlobsPerSecond(s.target, smallList, SECONDS, 4, MiB), true);
+    const fm = { mirror: await findMissingLatency(mirror.target, presentList, 50, 10_000), reference: await findMissingLatency(reference.target, presentList, 50, 10_000) };
+    const indexed = data.tiny.length + data.small.length + 2;
+    rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p50`, unit: 'ms', mirror: fm.mirror.p50, reference: fm.reference.p50, advantage: fm.reference.p50 / fm.mirror.p50 });
+    rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p99`, unit: 'ms', mirror: fm.mirror.p99, reference: fm.reference.p99, advantage: fm.reference.p99 / fm.mirror.p99 });
+    rows.push({ what: `Start-up to listening, ${indexed.toLocaleString('en')} blobs stored`, unit: 'ms', mirror: mirror.startupMs, reference: reference.startupMs, advantage: reference.startupMs / mirror.startupMs });
+    rows.push({ what: 'Mirror peak RSS over all serving benchmarks above', unit: 'MiB', mirror: await mirror.peakRssMiB(), reference: await reference.peakRssMiB(), advantage: undefined });
+  } finally {
+    await mirror.stop();
+    await reference.stop();
+    await rm(join(refRepo, 'cas/objects'), { force: true });
+  }
+}
+
+/** Drops the huge element from a workload, for the sync and pull comparisons. */
+async function withoutHuge(w: Workload): Promise<Workload> {
+  const elements = w.elements.filter((e) => e !== 'huge.bst');
+  const refs = w.refs.filter((r) => !r.includes('/huge/'));
+  const refsFile = join(w.workDir, 'refs-without-huge.txt');
+  await writeFile(refsFile, `${refs.join('\n')}\n`);
+  return { ...w, elements, refs, refsFile };
+}
+
+async function bstBenchmarks(work: string, rows: Row[]): Promise<void> {
+  progress(`preparing the BuildStream workload: ~${(SYNC_BYTES / 1e6).toFixed(0)} MB in ~${SYNC_BLOBS} files + one ${HUGE / MiB} MiB file (bst build + push)`);
+  const full = await prepareWorkload(join(work, 'bst'), { totalBytes: SYNC_BYTES, blobCount: SYNC_BLOBS, artifacts: 8, hugeBlobBytes: HUGE, log: progress });
+  try {
+    const w = await withoutHuge(full);
+    const hugeRefs = full.refs.filter((r) => !w.refs.includes(r));
+    const scale = `${w.elements.length} artifacts, ${(w.fileBytes / 1e6).toFixed(0)} MB in ${w.files.toLocaleString('en')} files`;
+    progress('bst pull from the reference server');
+    const pullRef = await timeBstPull(w, full.reference.url);
+    progress('bst-cache-mirror sync from the reference server');
+    const mirrorDir = join(work, 'bst-mirror');
+    await settleDisk();
+    const sync = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', w.refsFile, '--log-level', 'error'], work);
+    await settleDisk();
+    const noop = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', w.refsFile, '--log-level', 'error'], work);
+    if (!/transferred 0 blobs/.test(noop.stdout)) throw new Error(`the second sync transferred data:\n${noop.stdout}`);
+    rows.push({ what: `Sync ${scale} from the reference server (mirror sync vs bst pull)`, unit: 's', mirror: sync.seconds, reference: pullRef.seconds, advantage: pullRef.seconds / sync.seconds });
+    rows.push({ what: `No-op sync of the same ${w.refs.length} refs (${(full.casBlobs - 0).toLocaleString('en')} blobs on the server)`, unit: 's', mirror: noop.seconds, reference: undefined, advantage: undefined });
+
+    progress('bst pull from the mirror');
+    const mirror = await startMirror(mirrorDir);
+    let pullMirror: { seconds: number };
+    try {
+      pullMirror = await timeBstPull(w, mirror.url);
+    } finally {
+      await mirror.stop();
+    }
+    rows.push({ what: `bst pull ${scale}: from the mirror vs from the reference server`, unit: 's', mirror: pullMirror.seconds, reference: pullRef.seconds, advantage: pullRef.seconds / pullMirror.seconds });
+
+    if (!full.hugeBlob) throw new Error('the workload has no huge blob');
+    progress(`sync and serve of the ${HUGE / MiB} MiB blob`);
+    const hugeRefsFile = join(work, 'huge-refs.txt');
+    await writeFile(hugeRefsFile, `${hugeRefs.join('\n')}\n`);
+    const hugeSync = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', hugeRefsFile, '--log-level', 'error'], work);
+    rows.push({ what: `Mirror peak RSS syncing an artifact with one ${HUGE / MiB} MiB file`, unit: 'MiB', mirror: hugeSync.peakRssMiB, reference: undefined, advantage: undefined });
+    const server = await startMirror(mirrorDir);
+    try {
+      const mbps = await byteStreamMBps(server.target, full.hugeBlob, 1, 1);
+      rows.push({ what: `Mirror peak RSS serving the ${HUGE / MiB} MiB blob (ByteStream, 1 reader)`, unit: 'MiB', mirror: await server.peakRssMiB(), reference: undefined, advantage: undefined, note: `${fmt(mbps)} MB/s` });
+    } finally {
+      await server.stop();
+    }
+  } finally {
+    await full.dispose();
+  }
 }
 
 async function main(): Promise<void> {
+  progress('building dist/ (the benchmarks run the built CLI)');
+  execFileSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, stdio: 'inherit' });
   const work = await mkdtemp(join(tmpdir(), 'bst-mirror-bench-'));
-  const mirrorDir = join(work, 'mirror');
-  const refRepo = join(work, 'reference');
-  const lines: string[] = [];
-  const say = (s: string): void => {
-    lines.push(s);
-    process.stdout.write(`${s}\n`);
-  };
+  const rows: Row[] = [];
   try {
-    say(`bst-cache-mirror benchmark ${new Date().toISOString()}`);
-    say(`machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, node ${process.version}`);
-    say(`data: 1 large blob of ${LARGE >> 20} MiB, ${SMALL_COUNT} small blobs (1-64 KiB), ${INDEX_COUNT} tiny blobs indexed; ${SECONDS} s per throughput run`);
+    say(`bst-cache-mirror benchmark, ${new Date().toISOString()}${quick ? ' (--quick sizes)' : ''}`);
+    say(`machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, node ${process.version}`);
+    const loopback = await loopbackLimit(3);
+    const probe = join(work, 'disk-probe');
+    const probeData = randomBytes(256 * MiB);
+    await writeFile(probe, probeData);
+    const diskCold = await diskReadLimit(probe, true);
+    const diskWarm = await diskReadLimit(probe, false);
+    await rm(probe);
+    say(`limits: loopback TCP ${fmt(loopback)} MB/s (one socket); disk sequential read ${diskCold === undefined ? 'n/a' : fmt(diskCold)} MB/s cold, ${fmt(diskWarm ?? 0)} MB/s from page cache`);
 
-    // Generate the same blobs into the mirror's store and hard-link them into the reference repo.
-    const store = await DiskContentStore.open(mirrorDir, silentLogger());
-    const large = randomBytes(LARGE);
-    const largeDigest = { hash: sha(large), sizeBytes: LARGE };
-    await store.write(largeDigest, large);
-    const small: Digest[] = [];
-    let pending: { digest: Digest; data: Buffer }[] = [];
-    for (let i = 0; i < SMALL_COUNT + INDEX_COUNT; i++) {
-      const data = i < SMALL_COUNT ? randomBytes(1024 + ((i * 7919) % (63 * 1024))) : Buffer.from(`tiny blob ${i}`);
-      const digest = { hash: sha(data), sizeBytes: data.byteLength };
-      small.push(digest);
-      pending.push({ digest, data });
-      if (pending.length === 2000) {
-        await store.writeMany(pending);
-        pending = [];
-      }
-    }
-    await store.writeMany(pending);
-    await store.close();
-    for (const d of [largeDigest, ...small]) {
-      const to = join(refRepo, 'cas/objects', d.hash.slice(0, 2), d.hash.slice(2));
-      await mkdir(dirname(to), { recursive: true });
-      await link(join(mirrorDir, 'cas/objects', d.hash.slice(0, 2), d.hash.slice(2)), to).catch(() => undefined);
-    }
-    await mkdir(join(refRepo, 'cas/refs/heads'), { recursive: true });
-    await writeFile(join(work, 'README'), 'scratch data for scripts/bench/run.ts\n');
-
-    const loop = await loopbackLimit(3);
-    const disk = await diskReadLimit(join(mirrorDir, 'cas/objects', largeDigest.hash.slice(0, 2), largeDigest.hash.slice(2)));
-    say(`limits: loopback TCP ${loop.toFixed(0)} MB/s (1 socket); disk sequential read ${disk.toFixed(0)} MB/s (page cache warm)`);
-
-    const t0 = Date.now();
-    const mirror = await startChild('mirror', process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--dir', mirrorDir, '--listen', '127.0.0.1:0', '--log-level', 'error'], / on (\S+)\n/);
-    const startupMs = Date.now() - t0;
-    const reference = await startChild('reference', '/usr/bin/python3', ['test/fixtures/casserver.py', refRepo], /LISTENING (\d+)\n/);
-    reference.target = `127.0.0.1:${reference.target}`;
-    const rows: [string, string, number, number, string][] = [];
-    const measure = async (what: string, unit: string, fn: (target: string) => Promise<number>, higherIsBetter = true): Promise<void> => {
-      const m = await fn(mirror.target);
-      const r = await fn(reference.target);
-      rows.push([what, unit, m, r, (higherIsBetter ? m / r : r / m).toFixed(2)]);
-    };
-    await measure('ByteStream Read, 1 reader', 'MB/s', (t) => byteStreamThroughput(t, largeDigest, 1));
-    await measure('ByteStream Read, 8 readers', 'MB/s', (t) => byteStreamThroughput(t, largeDigest, 8));
-    await measure('BatchReadBlobs (1-64 KiB blobs)', 'blobs/s', (t) => batchThroughput(t, small.slice(0, SMALL_COUNT)));
-    const fmMirror = await findMissingLatency(mirror.target, small);
-    const fmRef = await findMissingLatency(reference.target, small);
-    rows.push(['FindMissingBlobs 10k digests, p50', 'ms', fmMirror.p50, fmRef.p50, (fmRef.p50 / fmMirror.p50).toFixed(2)]);
-    rows.push(['FindMissingBlobs 10k digests, p99', 'ms', fmMirror.p99, fmRef.p99, (fmRef.p99 / fmMirror.p99).toFixed(2)]);
-    const rss = await peakRssMiB(mirror.pid);
-    await mirror.stop();
-    await reference.stop();
+    await servingBenchmarks(work, rows, loopback);
+    if (!opts['skip-bst']) await bstBenchmarks(work, rows);
 
     say('');
-    say('| benchmark | unit | mirror | reference server | mirror advantage (x) |');
-    say('| --- | --- | ---: | ---: | ---: |');
-    for (const [what, unit, m, r, ratio] of rows) say(`| ${what} | ${unit} | ${m.toFixed(1)} | ${r.toFixed(1)} | ${ratio} |`);
+    say('| benchmark | unit | mirror | reference server | mirror advantage | note |');
+    say('| --- | --- | ---: | ---: | ---: | --- |');
+    for (const r of rows) {
+      say(`| ${r.what} | ${r.unit} | ${fmt(r.mirror)} | ${r.reference === undefined ? '' : fmt(r.reference)} | ${r.advantage === undefined ? '' : `${r.advantage.toFixed(2)}x`} | ${r.note ?? ''} |`);
+    }
     say('');
-    say(`ByteStream Read, 1 reader, as a fraction of loopback: ${((rows[0]?.[2] ?? 0) / loop * 100).toFixed(0)}%`);
-    say(`mirror peak RSS while serving: ${rss.toFixed(0)} MiB; start-up to listening with ${SMALL_COUNT + INDEX_COUNT + 1} blobs indexed: ${startupMs} ms (includes tsx start)`);
-    const out = join(ROOT, 'scripts/bench/results', `${new Date().toISOString().replace(/[:.]/g, '-')}.txt`);
+    say('mirror advantage: mirror/reference for rates, reference/mirror for times; > 1 means the mirror is better.');
+    const out = join(ROOT, 'scripts/bench/results', `${new Date().toISOString().replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.txt`);
     await writeFile(out, `${lines.join('\n')}\n`);
     process.stdout.write(`saved ${out}\n`);
   } finally {

