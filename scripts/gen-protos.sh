@@ -11,6 +11,11 @@ protoc="node_modules/.bin/protoc"
   --ts_proto_out=src/gen \
   --ts_proto_opt=outputServices=grpc-js,env=node,esModuleInterop=true,importSuffix=.js,forceLong=bigint,useOptionals=messages,annotateFilesWithVersion=false,useDate=false \
   $(cd protos && find . -name "*.proto" | sed "s|^./||" | sort)
+# ts-proto copies every decoded bytes field (Buffer.from(reader.bytes())); a view of the received
+# message is enough, and saves copying each blob a sync receives once more.
+for f in $(grep -rl 'Buffer.from(reader.bytes())' src/gen); do
+  sed -i 's/Buffer\.from(reader\.bytes())/((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes())/' "$f"
+done
 # ts-proto's header says "DO NOT EDIT"; say how to regenerate too.
 for f in $(find src/gen -name '*.ts'); do
   printf '// Generated from protos/ by `npm run gen` (scripts/gen-protos.sh). Do not edit.\n%s\n' "$(cat "$f")" > "$f"

@@ -180,3 +180,22 @@ test('1.x dialect: refs from a ReferenceStorage upstream; upstreams tried in ord
   const v1 = await call(c.fetch, c.fetch.fetchDirectory, { instanceName: '', uris: [`${URN_PREFIX}v1:${REF}`], qualifiers: [], digestFunction: 0 });
   assert.equal(digestKey(fromWire(v1.rootDirectoryDigest)), digestKey(root));
 });
+
+test('names synced together fetch a shared blob once', async (t) => {
+  const up = new FakeUpstream('reference-storage');
+  const shared = up.add(randomBytes(200 * 1024)); // over the fake's batch limit: one ByteStream read each time
+  const refs = Array.from({ length: 6 }, (_, i) => {
+    const own = up.add(`file of element ${i}\n`);
+    const root = up.addDirectory({ files: [{ name: 'shared.bin', digest: shared }, { name: `own-${i}`, digest: own }] });
+    const ref = `proj/el${i}/${String(i).repeat(64)}`;
+    up.refs.set(ref, root);
+    return ref;
+  });
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const run = await runCli(['sync', '--dir', dir, '--upstream', up.url, ...refs.flatMap((r) => ['--ref', r])]);
+  assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stdout, /mirrored 6, already present 0/);
+  assert.equal(up.count('ByteStream.Read'), 1, 'the shared blob was read from upstream once');
+});

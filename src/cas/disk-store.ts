@@ -1,11 +1,11 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { close, fdatasync, open as openCallback, readFile as readFileCallback, write } from 'node:fs';
-import { promisify } from 'node:util';
+import { readFile as readFileCallback } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Level } from 'level';
 import type { Logger } from 'pino';
 import { MirrorError, errorMessage } from '../errors.js';
+import { type BlobFile, BlobWriter } from './blob-writer.js';
 import type { BlobReader, ByteRange, ContentStore, NameRecord } from './content-store.js';
 import { type Digest, digestKey, isEmptyDigest, parseDigestKey } from './digest.js';
 
@@ -73,6 +73,7 @@ export class DiskContentStore implements ContentStore {
   /** hash -> when this process last hashed it (written or checked on read); oldest first. */
   private readonly checkedAt = new Map<string, number>();
   private readonly recheckAfterMs: number;
+  private readonly writer = new BlobWriter();
 
   private constructor(dir: string, db: Level<string, string>, log: Logger, options: DiskStoreOptions) {
     this.dir = dir;
@@ -114,6 +115,7 @@ export class DiskContentStore implements ContentStore {
     if (this.touchTimer) clearTimeout(this.touchTimer);
     this.touchTimer = undefined;
     await this.flushTouches();
+    await this.writer.close();
     await this.db.close();
   }
 
@@ -280,44 +282,16 @@ export class DiskContentStore implements ContentStore {
   }
 
   async writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void> {
-    // All at once: the libuv pool overlaps the creations and fsyncs that are in flight together.
-    const outcomes = await Promise.allSettled(blobs.map(({ digest, data }) => this.writeTempBytes(digest, data)));
-    const written: { digest: Digest; tmp: string }[] = [];
-    let failure: unknown;
-    outcomes.forEach((o, i) => {
-      const digest = blobs[i]?.digest;
-      if (o.status === 'rejected') failure ??= o.reason;
-      else if (o.value !== undefined && digest !== undefined) written.push({ digest, tmp: o.value });
-    });
-    if (failure !== undefined) {
-      await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
-      throw failure;
+    const files: BlobFile[] = [];
+    for (const { digest, data } of blobs) {
+      if (isEmptyDigest(digest)) {
+        if (data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
+        continue;
+      }
+      files.push({ hash: digest.hash, size: digest.sizeBytes, data, tmp: join(this.tmpDir, randomUUID()), path: this.objectPath(digest) });
     }
-    await this.commit(written);
-  }
-
-  /**
-   * Checks a blob held in memory, then writes and fsyncs it to a temp file; returns its path
-   * (undefined for the empty blob, which is never stored). Callback-style fs calls, as they
-   * are lighter than FileHandle's for many small files.
-   */
-  private async writeTempBytes(digest: Digest, data: Uint8Array): Promise<string | undefined> {
-    if (data.byteLength !== digest.sizeBytes) throw mismatch(digest, `${data.byteLength} bytes were sent`);
-    if (isEmptyDigest(digest)) return undefined;
-    const actual = createHash('sha256').update(data).digest('hex');
-    if (actual !== digest.hash) throw mismatch(digest, `the content hashes to ${actual}`);
-    const tmp = join(this.tmpDir, randomUUID());
-    const fd = await openFd(tmp, 'wx', 0o644);
-    try {
-      for (let off = 0; off < data.byteLength; ) off += await writeFd(fd, data, off, data.byteLength - off);
-      await fdatasyncFd(fd);
-    } catch (err) {
-      await closeFd(fd).catch(() => undefined);
-      await unlink(tmp).catch(() => undefined);
-      throw err;
-    }
-    await closeFd(fd);
-    return tmp;
+    await this.writer.write(files);
+    await this.record(files.map((f) => ({ hash: f.hash, sizeBytes: f.size })));
   }
 
   /** Streams data to a temp file, verifying size and SHA-256 and fsyncing; returns its path. */
@@ -349,7 +323,7 @@ export class DiskContentStore implements ContentStore {
     return tmp;
   }
 
-  /** Renames verified temp files into place, then records them in the index in one batch. */
+  /** Renames verified temp files into place, then records them in the index. */
   private async commit(written: readonly { digest: Digest; tmp: string }[]): Promise<void> {
     if (written.length === 0) return;
     try {
@@ -365,13 +339,19 @@ export class DiskContentStore implements ContentStore {
       await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
       throw err;
     }
-    for (const { digest } of written) this.markChecked(digest.hash);
+    await this.record(written.map((w) => w.digest));
+  }
+
+  /** Records blobs whose files are in place (and were just hashed) in the index, in one batch. */
+  private async record(digests: readonly Digest[]): Promise<void> {
+    if (digests.length === 0) return;
+    for (const digest of digests) this.markChecked(digest.hash);
     const now = nowSeconds();
-    await this.blobs.batch(written.map(({ digest }) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
+    await this.blobs.batch(digests.map((digest) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
     if (this.damagedCount > 0) {
-      const healed = (await this.damaged.getMany(written.map((w) => w.digest.hash))).filter((v) => v !== undefined).length;
+      const healed = (await this.damaged.getMany(digests.map((d) => d.hash))).filter((v) => v !== undefined).length;
       if (healed > 0) {
-        await this.damaged.batch(written.map(({ digest }) => ({ type: 'del' as const, key: digest.hash })));
+        await this.damaged.batch(digests.map((digest) => ({ type: 'del' as const, key: digest.hash })));
         this.damagedCount -= healed;
       }
     }
@@ -483,13 +463,6 @@ function fromStoredName(s: StoredName): NameRecord {
     upstream: s.upstream,
     fetchedAt: s.fetchedAt,
   };
-}
-
-const openFd = promisify(openCallback);
-const closeFd = promisify(close);
-const fdatasyncFd = promisify(fdatasync);
-function writeFd(fd: number, data: Uint8Array, offset: number, length: number): Promise<number> {
-  return new Promise((resolve, reject) => write(fd, data, offset, length, null, (err, written) => (err ? reject(err) : resolve(written))));
 }
 
 /**

@@ -63,6 +63,8 @@ const FIND_MISSING_GROUP = 4096;
 export async function syncNames(options: SyncOptions): Promise<SyncReport> {
   const started = Date.now();
   const transfers = pLimit(options.concurrency ?? 8);
+  // Names synced together often share blobs (logs, metadata, common files): each is fetched once.
+  const inFlight: InFlight = new Map();
   const perName = pLimit(NAME_CONCURRENCY);
   const totals = { blobs: 0, bytes: 0, namesDone: 0 };
   const report = (): void =>
@@ -86,7 +88,7 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
             report();
           },
         };
-        const result = await syncOne(input, options, transfers, counter);
+        const result = await syncOne(input, options, transfers, inFlight, counter);
         totals.namesDone += 1;
         report();
         const fields = { name: input, status: result.status, upstream: result.upstream, blobs: counter.blobs, bytes: counter.bytes };
@@ -106,11 +108,14 @@ interface Counter {
 }
 
 type Limit = ReturnType<typeof pLimit>;
+/** Blob transfers under way, by digest key, shared by every name of one sync. */
+type InFlight = Map<string, Promise<void>>;
 
 async function syncOne(
   input: string,
   options: SyncOptions,
   transfers: Limit,
+  inFlight: InFlight,
   counter: Counter,
 ): Promise<Omit<NameResult, 'blobsTransferred' | 'bytesTransferred'>> {
   let candidates: MirrorName[];
@@ -137,7 +142,7 @@ async function syncOne(
     if (!found) continue;
     const { name, digest } = found;
     try {
-      const fetcher = new ClosureFetcher(options.store, upstream, transfers, counter);
+      const fetcher = new ClosureFetcher(options.store, upstream, transfers, inFlight, counter);
       const before = counter.blobs;
       const roots = await fetcher.fetchName(name, digest, options.withBuildtrees ?? false);
       const existing = await options.store.getName(name.urn);
@@ -174,6 +179,7 @@ class ClosureFetcher {
     private readonly store: ContentStore,
     private readonly upstream: Upstream,
     private readonly transfers: Limit,
+    private readonly inFlight: InFlight,
     private readonly counter: Counter,
   ) {}
 
@@ -210,7 +216,11 @@ class ClosureFetcher {
     return data;
   }
 
-  /** Transfers the digests the store lacks: small ones in batches, large ones by ByteStream. */
+  /**
+   * Transfers the digests the store lacks: small ones in batches, large ones by ByteStream.
+   * Blobs another name is already fetching are waited for instead, and fetched here only if
+   * that transfer failed.
+   */
   private async fetchBlobs(digests: readonly Digest[]): Promise<void> {
     const unique = uniqueDigests(digests);
     const missing: Digest[] = [];
@@ -219,6 +229,22 @@ class ClosureFetcher {
     }
     if (missing.length === 0) return;
     const { maxBatchBytes } = await this.upstream.connect();
+    // From here to transfer() registering its blobs there is no await, so no other name can
+    // start the same blobs in between.
+    const elsewhere = missing.filter((d) => this.inFlight.has(digestKey(d)));
+    await Promise.all([
+      this.transfer(missing.filter((d) => !this.inFlight.has(digestKey(d))), maxBatchBytes),
+      (async () => {
+        if (elsewhere.length === 0) return;
+        await Promise.allSettled(elsewhere.map((d) => this.inFlight.get(digestKey(d))));
+        await this.transfer(await this.store.findMissing(elsewhere), maxBatchBytes);
+      })(),
+    ]);
+  }
+
+  /** Starts transfers of `missing` (registered as in flight until they settle) and awaits them. */
+  private async transfer(missing: readonly Digest[], maxBatchBytes: number): Promise<void> {
+    if (missing.length === 0) return;
     const batches: Digest[][] = [];
     const large: Digest[] = [];
     let current: Digest[] = [];
@@ -237,10 +263,16 @@ class ClosureFetcher {
       currentBytes += d.sizeBytes;
     }
     if (current.length > 0) batches.push(current);
-    await Promise.all([
-      ...batches.map((batch) => this.transfers(() => this.fetchBatch(batch))),
-      ...large.map((d) => this.transfers(() => this.fetchLarge(d))),
-    ]);
+    const track = (digestsOf: readonly Digest[], run: () => Promise<void>): Promise<void> => {
+      const done = this.transfers(run);
+      for (const d of digestsOf) this.inFlight.set(digestKey(d), done);
+      const forget = (): void => {
+        for (const d of digestsOf) if (this.inFlight.get(digestKey(d)) === done) this.inFlight.delete(digestKey(d));
+      };
+      done.then(forget, forget);
+      return done;
+    };
+    await Promise.all([...batches.map((batch) => track(batch, () => this.fetchBatch(batch))), ...large.map((d) => track([d], () => this.fetchLarge(d)))]);
   }
 
   private async fetchBatch(batch: readonly Digest[]): Promise<void> {

@@ -201,7 +201,7 @@ export const ReadResponse: MessageFns<ReadResponse> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = ((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes());
             continue;
           }
         }
@@ -304,7 +304,7 @@ export const WriteRequest: MessageFns<WriteRequest> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = ((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes());
             continue;
           }
         }

@@ -1132,7 +1132,7 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = ((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes());
             continue;
           }
         }
@@ -1568,7 +1568,7 @@ export const BatchReadBlobsResponse_Response: MessageFns<BatchReadBlobsResponse_
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = ((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes());
             continue;
           }
           case 3: {
