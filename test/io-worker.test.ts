@@ -1,0 +1,25 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { IoWorker } from '../src/cas/io-worker.js';
+
+type Req = { op: 'echo' | 'throw' | 'exit'; value: number };
+
+function program(): (request: Req) => { reply: number } {
+  let calls = 0;
+  return (request) => {
+    calls += 1;
+    if (request.op === 'throw') throw new Error(`bad value ${request.value}`);
+    if (request.op === 'exit') process.exit(3);
+    return { reply: request.value * 10 + calls };
+  };
+}
+
+test('IoWorker: answers in order, reports a thrown error, survives its thread dying', async (t) => {
+  const worker = new IoWorker<Req, number>('test worker', program);
+  t.after(() => worker.close());
+  assert.deepEqual(await Promise.all([worker.request({ op: 'echo', value: 1 }), worker.request({ op: 'echo', value: 2 })]), [11, 22]);
+  await assert.rejects(worker.request({ op: 'throw', value: 7 }), /test worker: bad value 7/);
+  await assert.rejects(worker.request({ op: 'exit', value: 0 }), /the test worker thread stopped: exit code 3/);
+  // A fresh thread (its state starts over) takes the next request.
+  assert.equal(await worker.request({ op: 'echo', value: 5 }), 51);
+});
