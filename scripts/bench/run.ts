@@ -3,7 +3,7 @@
  * (`buildstream._artifactcache.casserver` from Debian's `buildstream`), on the same data, in the
  * same run, both on 127.0.0.1. Never part of `npm test`.
  *
- *   npm run bench                      # everything (~15 min on 2 cores, ~12 GB of scratch disk)
+ *   npm run bench                      # everything (~10 min on 2 cores, ~8 GB of scratch disk)
  *   npm run bench -- --quick           # small sizes, to check the suite itself (~2 min)
  *   npm run bench -- --skip-bst        # only the serving benchmarks (no bst build/pull)
  *
@@ -34,6 +34,7 @@ const { values: opts } = parseArgs({
     quick: { type: 'boolean', default: false },
     'skip-bst': { type: 'boolean', default: false },
     seconds: { type: 'string' },
+    rounds: { type: 'string' },
     'index-blobs': { type: 'string' },
     'sync-mb': { type: 'string' },
     'sync-blobs': { type: 'string' },
@@ -42,7 +43,9 @@ const { values: opts } = parseArgs({
 });
 const quick = opts.quick;
 const num = (v: string | undefined, full: number, small: number): number => (v === undefined ? (quick ? small : full) : Number(v));
-const SECONDS = num(opts.seconds, 5, 2);
+const SECONDS = num(opts.seconds, 4, 2);
+/** Repetitions of each timed measurement; the table shows medians and min-max. */
+const ROUNDS = num(opts.rounds, 3, 1);
 const LARGE = 64 * MiB;
 const VERY_LARGE = num(undefined, 1024, 128) * MiB;
 const SMALL_COUNT = 10_000;
@@ -202,6 +205,16 @@ async function prepareServingData(mirrorDir: string, refRepo: string): Promise<{
   }
 }
 
+function median(xs: readonly number[]): number {
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)] ?? 0;
+}
+
+/** `min-max` of repeated measurements, for the note column. */
+function spread(xs: readonly number[]): string {
+  return `${fmt(Math.min(...xs))}-${fmt(Math.max(...xs))}`;
+}
+
 function fmt(n: number): string {
   return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2);
 }
@@ -219,22 +232,30 @@ async function servingBenchmarks(work: string, rows: Row[], loopback: number): P
   const mirror = await startMirror(mirrorDir);
   const reference = await startReference(refRepo);
   try {
-    const both = async (what: string, unit: string, fn: (s: RunningServer) => Promise<number>, higherIsBetter: boolean, note?: string): Promise<void> => {
+    // Alternating rounds, medians: this VM's throughput drifts by tens of percent between runs.
+    const both = async (what: string, unit: string, fn: (s: RunningServer) => Promise<number>, higherIsBetter: boolean): Promise<void> => {
       progress(what);
-      const m = await fn(mirror);
-      const r = await fn(reference);
-      rows.push({ what, unit, mirror: m, reference: r, advantage: higherIsBetter ? m / r : r / m, ...(note ? { note } : {}) });
+      const ms: number[] = [];
+      const rs: number[] = [];
+      for (let round = 0; round < ROUNDS; round++) {
+        ms.push(await fn(mirror));
+        rs.push(await fn(reference));
+      }
+      const m = median(ms);
+      const r = median(rs);
+      rows.push({ what, unit, mirror: m, reference: r, advantage: higherIsBetter ? m / r : r / m, note: `${spread(ms)} vs ${spread(rs)}` });
     };
     const ofLoopback = (mbps: number): string => `${((mbps / loopback) * 100).toFixed(0)}% of loopback`;
     for (const [blob, label] of [[data.large, '64 MiB'], [data.veryLarge, `${VERY_LARGE / MiB} MiB`]] as const) {
       for (const readers of [1, 8]) {
         await both(`ByteStream Read ${label} blob, ${readers} reader${readers > 1 ? 's' : ''}`, 'MB/s', (s) => byteStreamMBps(s.target, blob, readers, SECONDS), true);
         const row = rows[rows.length - 1];
-        if (row) row.note = ofLoopback(row.mirror);
+        if (row) row.note = `${ofLoopback(row.mirror)}; ${row.note ?? ''}`;
       }
     }
     await both('BatchReadBlobs, 1-64 KiB blobs, 4 calls in flight', 'blobs/s', (s) => batchReadBlobsPerSecond(s.target, smallList, SECONDS, 4, MiB), true);
-    const fm = { mirror: await findMissingLatency(mirror.target, presentList, 50, 10_000), reference: await findMissingLatency(reference.target, presentList, 50, 10_000) };
+    progress('FindMissingBlobs');
+    const fm = { mirror: await findMissingLatency(mirror.target, presentList, 100, 10_000), reference: await findMissingLatency(reference.target, presentList, 100, 10_000) };
     const indexed = data.tiny.length + data.small.length + 2;
     rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p50`, unit: 'ms', mirror: fm.mirror.p50, reference: fm.reference.p50, advantage: fm.reference.p50 / fm.mirror.p50 });
     rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p99`, unit: 'ms', mirror: fm.mirror.p99, reference: fm.reference.p99, advantage: fm.reference.p99 / fm.mirror.p99 });
@@ -263,39 +284,54 @@ async function bstBenchmarks(work: string, rows: Row[]): Promise<void> {
     const w = await withoutHuge(full);
     const hugeRefs = full.refs.filter((r) => !w.refs.includes(r));
     const scale = `${w.elements.length} artifacts, ${(w.fileBytes / 1e6).toFixed(0)} MB in ${w.files.toLocaleString('en')} files`;
-    progress('bst pull from the reference server');
-    const pullRef = await timeBstPull(w, full.reference.url);
-    // bst 1.6 never fsyncs; the mirror's sync is durable when it exits. Flushing what bst wrote
-    // gives the like-for-like time.
-    const flushStart = performance.now();
-    await settleDisk();
-    const pullRefDurable = pullRef.seconds + (performance.now() - flushStart) / 1000;
-    progress('bst-cache-mirror sync from the reference server');
     const mirrorDir = join(work, 'bst-mirror');
-    await settleDisk();
-    const sync = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', w.refsFile, '--log-level', 'error'], work);
-    await settleDisk();
-    const noop = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', w.refsFile, '--log-level', 'error'], work);
-    if (!/transferred 0 blobs/.test(noop.stdout)) throw new Error(`the second sync transferred data:\n${noop.stdout}`);
-    rows.push({ what: `Sync ${scale} from the reference server (mirror sync vs bst pull)`, unit: 's', mirror: sync.seconds, reference: pullRef.seconds, advantage: pullRef.seconds / sync.seconds, note: `peak RSS ${fmt(sync.peakRssMiB)} MiB` });
-    rows.push({ what: 'The same, with bst pull\'s writes flushed to disk (both durable)', unit: 's', mirror: sync.seconds, reference: pullRefDurable, advantage: pullRefDurable / sync.seconds });
-    rows.push({ what: `No-op sync of the same ${w.refs.length} refs (${(full.casBlobs - 0).toLocaleString('en')} blobs on the server)`, unit: 's', mirror: noop.seconds, reference: undefined, advantage: undefined });
+    const syncArgs = (refsFile: string): string[] => ['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', refsFile, '--log-level', 'error'];
+    const pullRef: number[] = [];
+    const pullRefDurable: number[] = [];
+    const syncs: { seconds: number; peakRssMiB: number }[] = [];
+    const noops: number[] = [];
+    for (let round = 0; round < ROUNDS; round++) {
+      progress(`round ${round + 1}/${ROUNDS}: bst pull from the reference server, then sync and no-op sync`);
+      const pulled = (await timeBstPull(w, full.reference.url)).seconds;
+      // bst 1.6 never fsyncs; the mirror's sync is durable when it exits. Flushing what bst
+      // wrote gives the like-for-like time.
+      const flushStart = performance.now();
+      await settleDisk();
+      pullRef.push(pulled);
+      pullRefDurable.push(pulled + (performance.now() - flushStart) / 1000);
+      await rm(mirrorDir, { recursive: true, force: true });
+      await settleDisk();
+      syncs.push(await runMirrorCli(syncArgs(w.refsFile), work));
+      await settleDisk();
+      const noop = await runMirrorCli(syncArgs(w.refsFile), work);
+      if (!/transferred 0 blobs/.test(noop.stdout)) throw new Error(`the second sync transferred data:\n${noop.stdout}`);
+      noops.push(noop.seconds);
+    }
+    const syncSeconds = syncs.map((x) => x.seconds);
+    const sync = median(syncSeconds);
+    rows.push({ what: `Sync ${scale} from the reference server (mirror sync vs bst pull)`, unit: 's', mirror: sync, reference: median(pullRef), advantage: median(pullRef) / sync, note: `${spread(syncSeconds)} vs ${spread(pullRef)}; sync peak RSS ${fmt(Math.max(...syncs.map((x) => x.peakRssMiB)))} MiB` });
+    rows.push({ what: 'The same, with bst pull\'s writes flushed to disk (both durable)', unit: 's', mirror: sync, reference: median(pullRefDurable), advantage: median(pullRefDurable) / sync, note: `${spread(syncSeconds)} vs ${spread(pullRefDurable)}` });
+    rows.push({ what: `No-op sync of the same ${w.refs.length} refs (${full.casBlobs.toLocaleString('en')} blobs on the server)`, unit: 's', mirror: median(noops), reference: undefined, advantage: undefined, note: spread(noops) });
 
-    progress('bst pull from the mirror');
     const mirror = await startMirror(mirrorDir);
-    let pullMirror: { seconds: number };
+    const pullMirror: number[] = [];
+    const pullRefAgain: number[] = [];
     try {
-      pullMirror = await timeBstPull(w, mirror.url);
+      for (let round = 0; round < ROUNDS; round++) {
+        progress(`round ${round + 1}/${ROUNDS}: bst pull from the mirror and from the reference server`);
+        pullMirror.push((await timeBstPull(w, mirror.url)).seconds);
+        pullRefAgain.push((await timeBstPull(w, full.reference.url)).seconds);
+      }
     } finally {
       await mirror.stop();
     }
-    rows.push({ what: `bst pull ${scale}: from the mirror vs from the reference server`, unit: 's', mirror: pullMirror.seconds, reference: pullRef.seconds, advantage: pullRef.seconds / pullMirror.seconds });
+    rows.push({ what: `bst pull ${scale}: from the mirror vs from the reference server`, unit: 's', mirror: median(pullMirror), reference: median(pullRefAgain), advantage: median(pullRefAgain) / median(pullMirror), note: `${spread(pullMirror)} vs ${spread(pullRefAgain)}` });
 
     if (!full.hugeBlob) throw new Error('the workload has no huge blob');
     progress(`sync and serve of the ${HUGE / MiB} MiB blob`);
     const hugeRefsFile = join(work, 'huge-refs.txt');
     await writeFile(hugeRefsFile, `${hugeRefs.join('\n')}\n`);
-    const hugeSync = await runMirrorCli(['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', hugeRefsFile, '--log-level', 'error'], work);
+    const hugeSync = await runMirrorCli(syncArgs(hugeRefsFile), work);
     rows.push({ what: `Mirror peak RSS syncing an artifact with one ${HUGE / MiB} MiB file`, unit: 'MiB', mirror: hugeSync.peakRssMiB, reference: undefined, advantage: undefined });
     const server = await startMirror(mirrorDir);
     try {
@@ -317,7 +353,8 @@ async function main(): Promise<void> {
   try {
     say(`bst-cache-mirror benchmark, ${new Date().toISOString()}${quick ? ' (--quick sizes)' : ''}`);
     say(`machine: ${cpus().length} x ${cpus()[0]?.model ?? '?'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, node ${process.version}`);
-    const loopback = await loopbackLimit(3);
+    // A capacity, so the best of three short runs.
+    const loopback = Math.max(await loopbackLimit(2), await loopbackLimit(2), await loopbackLimit(2));
     const probe = join(work, 'disk-probe');
     const probeData = randomBytes(256 * MiB);
     await writeFile(probe, probeData);

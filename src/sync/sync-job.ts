@@ -2,7 +2,7 @@ import pLimit from 'p-limit';
 import type { Logger } from 'pino';
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
 import { type Roots, artifactRoots, parseDirectory, sourceRoots, uniqueDigests } from '../cas/closure.js';
-import { type Digest, digestKey } from '../cas/digest.js';
+import { type Digest, EMPTY_DIGEST, digestKey } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
 import type { Upstream } from '../remote/upstream.js';
@@ -204,16 +204,26 @@ class ClosureFetcher {
     while (level.length > 0) {
       for (const d of level) seen.add(digestKey(d));
       await this.fetchBlobs(level);
-      const children = await Promise.all(level.map(async (d) => parseDirectory(await this.mustRead(d), d)));
+      const children = (await this.mustReadMany(level)).map((data, i) => parseDirectory(data, level[i] ?? EMPTY_DIGEST));
       await this.fetchBlobs(uniqueDigests(children.flatMap((c) => c.files)));
       level = uniqueDigests(children.flatMap((c) => c.directories)).filter((d) => !seen.has(digestKey(d)));
     }
   }
 
   private async mustRead(digest: Digest): Promise<Uint8Array> {
-    const data = await this.store.readBytes(digest);
+    const [data] = await this.mustReadMany([digest]);
     if (data === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} vanished from the store during sync`);
     return data;
+  }
+
+  /** Reads blobs just fetched, in one store request. */
+  private async mustReadMany(digests: readonly Digest[]): Promise<Uint8Array[]> {
+    const results = await this.store.readManyBytes(digests);
+    return results.map((data, i) => {
+      if (data instanceof MirrorError) throw data;
+      if (data === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digests[i] ?? EMPTY_DIGEST)} vanished from the store during sync`);
+      return data;
+    });
   }
 
   /**
