@@ -6,8 +6,10 @@ type Req = { op: 'echo' | 'throw' | 'exit'; value: number };
 
 function program(): (request: Req) => { reply: number } {
   let calls = 0;
+  // A named inner function, as a program may well have: tsx wraps these in __name().
+  const count = (): number => ++calls;
   return (request) => {
-    calls += 1;
+    count();
     if (request.op === 'throw') throw new Error(`bad value ${request.value}`);
     if (request.op === 'exit') process.exit(3);
     return { reply: request.value * 10 + calls };

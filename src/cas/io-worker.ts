@@ -63,7 +63,10 @@ export class IoWorker<Req, Rep> {
 
   private start(): Worker {
     if (this.worker) return this.worker;
-    const worker = new Worker(`(${workerRuntime.toString()})((${this.program.toString()})())`, { eval: true, name: this.name });
+    // Under tsx (the tests), esbuild wraps named inner functions in a `__name` helper that the
+    // worker's fresh context lacks; an identity stand-in keeps such programs runnable.
+    const source = `var __name = (fn) => fn;\n(${workerRuntime.toString()})((${this.program.toString()})())`;
+    const worker = new Worker(source, { eval: true, name: this.name });
     worker.on('message', (message: ReplyEnvelope<Rep>) => {
       const waiter = this.pending.get(message.id);
       this.pending.delete(message.id);
