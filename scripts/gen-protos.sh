@@ -13,7 +13,12 @@ protoc="node_modules/.bin/protoc"
   $(cd protos && find . -name "*.proto" | sed "s|^./||" | sort)
 # ts-proto copies every decoded bytes field (Buffer.from(reader.bytes())); a view of the received
 # message is enough, and saves copying each blob a sync receives once more.
-for f in $(grep -rl 'Buffer.from(reader.bytes())' src/gen); do
+files=$(grep -rl 'Buffer.from(reader.bytes())' src/gen || true)
+if [ -z "$files" ]; then
+  echo "gen-protos.sh: ts-proto no longer emits Buffer.from(reader.bytes()); update the bytes-view edit" >&2
+  exit 1
+fi
+for f in $files; do
   sed -i 's/Buffer\.from(reader\.bytes())/((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes())/' "$f"
 done
 # ts-proto's header says "DO NOT EDIT"; say how to regenerate too.

@@ -99,6 +99,19 @@ test('a blob is rehashed on its first whole read by a process, then trusted unti
   assert.deepEqual(await readAll(second, d, { offset: 10, limit: 5 }), data.subarray(10, 15));
 });
 
+test('a blob removed between opening a reader and reading it is a miss, not a failure', async (t) => {
+  const store = await openStore(t);
+  const data = randomBytes(5000);
+  const d = digestOf(data);
+  await store.write(d, data);
+  const reader = await store.read(d);
+  assert.ok(reader);
+  await store.forget(d, 'removed by another reader');
+  await assert.rejects(async () => {
+    for await (const _ of reader.chunks(1024)) assert.fail('no data may come');
+  }, (e: unknown) => isMirrorError(e, 'BLOB_NOT_FOUND'));
+});
+
 test('a second process cannot open the same store', async (t) => {
   const dir = await tempDir(t);
   const store = await DiskContentStore.open(dir, silentLogger());

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { IoWorker } from '../src/cas/io-worker.js';
 
-type Req = { op: 'echo' | 'throw' | 'exit'; value: number };
+type Req = { op: 'echo' | 'throw' | 'exit' | 'crash-later'; value: number };
 
 function program(): (request: Req) => { reply: number } {
   let calls = 0;
@@ -12,6 +12,12 @@ function program(): (request: Req) => { reply: number } {
     count();
     if (request.op === 'throw') throw new Error(`bad value ${request.value}`);
     if (request.op === 'exit') process.exit(3);
+    if (request.op === 'crash-later') {
+      // An uncaught error after replying: the thread reports 'error', then 'exit', later.
+      setImmediate(() => {
+        throw new Error('crashed');
+      });
+    }
     return { reply: request.value * 10 + calls };
   };
 }
@@ -24,4 +30,18 @@ test('IoWorker: answers in order, reports a thrown error, survives its thread dy
   await assert.rejects(worker.request({ op: 'exit', value: 0 }), /the test worker thread stopped: exit code 3/);
   // A fresh thread (its state starts over) takes the next request.
   assert.equal(await worker.request({ op: 'echo', value: 5 }), 51);
+});
+
+test('IoWorker: a crashed thread\'s late exit does not fail requests sent to its replacement', async (t) => {
+  const worker = new IoWorker<Req, number>('test worker', program);
+  t.after(() => worker.close());
+  await worker.request({ op: 'crash-later', value: 1 });
+  const outcomes: string[] = [];
+  for (let i = 0; i < 30; i++) {
+    outcomes.push(await worker.request({ op: 'echo', value: 2 }).then(() => 'ok', (e: Error) => e.message));
+  }
+  // Requests the dying thread took may fail; once one succeeds, every later one must too.
+  const firstOk = outcomes.indexOf('ok');
+  assert.ok(firstOk >= 0, outcomes.join('; '));
+  assert.deepEqual(outcomes.slice(firstOk), outcomes.slice(firstOk).map(() => 'ok'), outcomes.join('; '));
 });

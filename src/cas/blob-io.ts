@@ -26,7 +26,9 @@ export interface WriteReply {
 /**
  * Checks every blob's size and SHA-256 first, then writes each to its temp file and fdatasyncs
  * it, and only when all are written renames them into place; on failure it removes its temp
- * files. So a batch is stored whole or not at all.
+ * files. The caller indexes the batch only on success, so a batch becomes visible whole or not
+ * at all (a rename failing midway leaves verified, unindexed files, which `verify --repair`
+ * re-indexes).
  */
 export function blobWriterProgram(): (request: WriteRequest) => WorkerAnswer<WriteReply> {
   const { createHash } = require('node:crypto') as typeof import('node:crypto');

@@ -27,6 +27,9 @@ export interface BlobEntry {
 }
 
 const TOUCH_FLUSH_MS = 30_000;
+/** Most files and bytes one request to the reader thread asks for (see readManyBytes). */
+const READ_REQUEST_FILES = 1024;
+const READ_REQUEST_BYTES = 4 << 20;
 /** Keys per parallel index lookup in findMissing. */
 const LOOKUP_GROUP = 2500;
 /** How long a blob hashed by this process is trusted before a read hashes it again (see open()). */
@@ -178,9 +181,18 @@ export class DiskContentStore implements ContentStore {
 
   private async *readChunks(digest: Digest, path: string, start: number, end: number, check: boolean, chunkBytes: number, headroom: number): AsyncGenerator<Buffer> {
     // Opened here rather than in read(), so a reader that is never iterated holds no file.
-    const fh = await open(path, 'r');
+    let fh;
+    try {
+      fh = await open(path, 'r');
+    } catch (err) {
+      // Removed since read() looked (another reader found it damaged): a miss, not a failure.
+      if (isErrno(err, 'ENOENT')) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is no longer in the mirror`);
+      throw err;
+    }
     const hash = check ? createHash('sha256') : undefined;
     try {
+      const { size } = await fh.stat();
+      if (size !== digest.sizeBytes) throw await this.corrupt(digest, `its object file has ${size} bytes instead of ${digest.sizeBytes}`);
       for (let pos = start; pos < end; ) {
         const n = Math.min(chunkBytes, end - pos);
         // A fresh buffer per chunk: the transport may still hold the previous one.
@@ -247,18 +259,27 @@ export class DiskContentStore implements ContentStore {
         toRead.push({ index: i, digest, file: { path: this.objectPath(digest), size: digest.sizeBytes, ...(check ? { hash: digest.hash } : {}) } });
       }
     });
-    if (toRead.length === 0) return results;
-    const { results: read, data } = await this.reader.request({ files: toRead.map((r) => r.file) });
-    for (const [k, { index, digest, file }] of toRead.entries()) {
-      const r = read[k];
-      if (r === undefined || r.status === 'missing') {
-        await this.forget(digest, 'its object file is missing');
-      } else if (r.status === 'bad') {
-        results[index] = await this.corrupt(digest, r.why);
-      } else {
-        if (file.hash !== undefined) this.markChecked(digest.hash);
-        this.touch(digest);
-        results[index] = Buffer.from(data, r.offset, digest.sizeBytes);
+    // One reader thread serves every caller: a big request (a GetTree level) goes in parts, one
+    // at a time, so other callers' requests get in between.
+    for (let start = 0; start < toRead.length; ) {
+      let end = start;
+      for (let bytes = 0; end < toRead.length && end - start < READ_REQUEST_FILES && (end === start || bytes < READ_REQUEST_BYTES); end++) {
+        bytes += toRead[end]?.file.size ?? 0;
+      }
+      const part = toRead.slice(start, end);
+      start = end;
+      const { results: read, data } = await this.reader.request({ files: part.map((r) => r.file) });
+      for (const [k, { index, digest, file }] of part.entries()) {
+        const r = read[k];
+        if (r === undefined || r.status === 'missing') {
+          await this.forget(digest, 'its object file is missing');
+        } else if (r.status === 'bad') {
+          results[index] = await this.corrupt(digest, r.why);
+        } else {
+          if (file.hash !== undefined) this.markChecked(digest.hash);
+          this.touch(digest);
+          results[index] = Buffer.from(data, r.offset, digest.sizeBytes);
+        }
       }
     }
     return results;

@@ -14,7 +14,7 @@ export interface WorkerAnswer<Rep> {
 export type WorkerProgram<Req, Rep> = () => (request: Req) => WorkerAnswer<Rep>;
 
 type Envelope<Req> = { readonly id: number; readonly request: Req };
-type ReplyEnvelope<Rep> = { readonly id: number; readonly reply: Rep } | { readonly id: number; readonly error: string };
+type ReplyEnvelope<Rep> = { readonly id: number; readonly reply: Rep } | { readonly id: number; readonly error: string; readonly code?: string };
 
 /** The worker side of the protocol: answers each request with its id, in order. */
 function workerRuntime(handle: (request: unknown) => WorkerAnswer<unknown>): void {
@@ -24,7 +24,9 @@ function workerRuntime(handle: (request: unknown) => WorkerAnswer<unknown>): voi
       const { reply, transfer } = handle(request);
       parentPort.postMessage({ id, reply }, transfer ?? []);
     } catch (err) {
-      parentPort.postMessage({ id, error: err instanceof Error ? err.message : String(err) });
+      // The errno code (ENOSPC, EIO, ...) survives the thread boundary; the stack does not.
+      const code = (err as { code?: unknown }).code;
+      parentPort.postMessage({ id, error: err instanceof Error ? err.message : String(err), ...(typeof code === 'string' ? { code } : {}) });
     }
   });
 }
@@ -34,10 +36,20 @@ function workerRuntime(handle: (request: unknown) => WorkerAnswer<unknown>): voi
  * the same calls through the libuv pool for small files, and none of it runs on the event loop.
  * Started on first use; kept alive only while a request is outstanding; restarted if it dies.
  */
+interface Waiter<Rep> {
+  resolve(reply: Rep): void;
+  reject(err: Error): void;
+}
+
+/** One running thread and the requests it owes answers to. */
+interface Running<Rep> {
+  readonly worker: Worker;
+  readonly pending: Map<number, Waiter<Rep>>;
+}
+
 export class IoWorker<Req, Rep> {
-  private worker: Worker | undefined;
+  private running: Running<Rep> | undefined;
   private nextId = 0;
-  private readonly pending = new Map<number, { resolve: (reply: Rep) => void; reject: (err: Error) => void }>();
 
   constructor(
     private readonly name: string,
@@ -46,44 +58,57 @@ export class IoWorker<Req, Rep> {
 
   /** Sends a request; its buffers are copied unless listed in `transfer`. */
   request(request: Req, transfer: ArrayBuffer[] = []): Promise<Rep> {
-    const worker = this.start();
+    const { worker, pending } = this.start();
     const id = this.nextId++;
     return new Promise<Rep>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
+      pending.set(id, { resolve, reject });
+      // A thread that is waited on must keep the process alive; an idle one must not.
       worker.ref();
-      worker.postMessage({ id, request } satisfies Envelope<Req>, transfer);
+      try {
+        worker.postMessage({ id, request } satisfies Envelope<Req>, transfer);
+      } catch (err) {
+        pending.delete(id);
+        if (pending.size === 0) worker.unref();
+        reject(err instanceof Error ? err : new Error(String(err)));
+      }
     });
   }
 
   async close(): Promise<void> {
-    const worker = this.worker;
-    this.worker = undefined;
-    if (worker) await worker.terminate();
+    const running = this.running;
+    this.running = undefined;
+    if (running) await running.worker.terminate();
   }
 
-  private start(): Worker {
-    if (this.worker) return this.worker;
+  private start(): Running<Rep> {
+    if (this.running) return this.running;
     // Under tsx (the tests), esbuild wraps named inner functions in a `__name` helper that the
     // worker's fresh context lacks; an identity stand-in keeps such programs runnable.
     const source = `var __name = (fn) => fn;\n(${workerRuntime.toString()})((${this.program.toString()})())`;
     const worker = new Worker(source, { eval: true, name: this.name });
+    // Each thread has its own pending map, so a dead thread's late 'exit' cannot fail requests
+    // already sent to its replacement.
+    const running: Running<Rep> = { worker, pending: new Map() };
     worker.on('message', (message: ReplyEnvelope<Rep>) => {
-      const waiter = this.pending.get(message.id);
-      this.pending.delete(message.id);
-      if (this.pending.size === 0) worker.unref();
+      const waiter = running.pending.get(message.id);
+      running.pending.delete(message.id);
+      if (running.pending.size === 0) worker.unref();
       if (!waiter) return;
-      if ('error' in message) waiter.reject(new Error(`${this.name}: ${message.error}`));
-      else waiter.resolve(message.reply);
+      if ('error' in message) {
+        waiter.reject(Object.assign(new Error(`${this.name}: ${message.error}`), message.code === undefined ? {} : { code: message.code }));
+      } else {
+        waiter.resolve(message.reply);
+      }
     });
     const fail = (err: Error): void => {
-      if (this.worker === worker) this.worker = undefined;
-      for (const waiter of this.pending.values()) waiter.reject(new Error(`the ${this.name} thread stopped: ${err.message}`));
-      this.pending.clear();
+      if (this.running === running) this.running = undefined;
+      for (const waiter of running.pending.values()) waiter.reject(new Error(`the ${this.name} thread stopped: ${err.message}`));
+      running.pending.clear();
     };
     worker.on('error', fail);
     worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
     worker.unref();
-    this.worker = worker;
-    return worker;
+    this.running = running;
+    return running;
   }
 }

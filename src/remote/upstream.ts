@@ -60,9 +60,12 @@ export interface Upstream {
 const UNARY_TIMEOUT_MS = 60_000;
 /** BuildStream 1.6's own cap, and a safe default when a server advertises no limit. */
 const DEFAULT_MAX_BATCH_BYTES = 1 << 20;
-/** Our channel accepts messages this large, so a batch at the server's limit always fits. */
-/** HTTP/2 receive window for upstream connections and each of their streams: enough for line rate on a LAN, and it bounds the data buffered per stream (a 2 GiB blob syncs in under 200 MB RSS). */
+/**
+ * HTTP/2 receive window for upstream connections and each of their streams: enough for line rate
+ * on a LAN, and a bound on the data buffered per stream (a 2 GiB blob syncs in under 200 MiB RSS).
+ */
 const FLOW_CONTROL_WINDOW_BYTES = 8 << 20;
+/** Our channel accepts messages this large, so a batch at the server's limit always fits. */
 const MAX_MESSAGE_BYTES = 64 << 20;
 
 type UnaryMethod<Req, Res> = (

@@ -10,7 +10,8 @@ export interface BatchReadEntry {
 
 const RESPONSES_FIELD = 1; // BatchReadBlobsResponse.responses
 const DATA_FIELD = 2; // BatchReadBlobsResponse.Response.data
-const NO_DATA = Buffer.alloc(0);
+/** The data of an entry that has none (a miss or an error). */
+export const NO_DATA = Buffer.alloc(0);
 
 /**
  * Encodes a BatchReadBlobsResponse into one buffer, copying each blob once. A protobuf message is

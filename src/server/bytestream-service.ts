@@ -47,6 +47,7 @@ export class ByteStreamReadService {
     for await (const frame of reader.chunks(READ_CHUNK_BYTES, BYTES_FIELD_HEADROOM)) {
       if (call.cancelled) break;
       await out.write(encodeBytesField(READ_RESPONSE_DATA_FIELD, frame));
+      if (call.cancelled) break; // woken by the cancel: read no further
     }
   }
 }

@@ -10,7 +10,7 @@ import {
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
-import { type BatchReadEntry, encodeBatchReadBlobsResponse } from './batch-read-response.js';
+import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
 import { guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
@@ -19,7 +19,6 @@ import { toStatus } from './status.js';
 /** Directories per GetTree response message, and a byte budget that keeps messages small. */
 const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
-const NO_DATA = Buffer.alloc(0);
 
 /** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
 export class CasService {

@@ -2,8 +2,9 @@ import type * as grpc from '@grpc/grpc-js';
 
 /**
  * A response whose protobuf bytes the handler already wrote. The response serializer passes it
- * through untouched, so bulk data (ByteStream reads) is read from disk straight into the buffer
- * grpc-js frames, with no encoder copying every byte on the way.
+ * through untouched, so bulk data (ByteStream reads) goes from disk into the message without the
+ * protobuf encoder copying it (twice, with ts-proto's writer); grpc-js still copies each message
+ * once into its own frame.
  */
 export class EncodedMessage {
   constructor(readonly bytes: Buffer) {}
