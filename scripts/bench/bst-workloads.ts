@@ -19,7 +19,9 @@ import { type Hash, createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { once } from 'node:events';
 import { pipeline } from 'node:stream/promises';
+import tar from 'tar-stream';
 import { pathToFileURL } from 'node:url';
 import type { Digest } from '../../src/cas/digest.js';
 import { spawnTracked } from './processes.js';
@@ -407,72 +409,43 @@ async function* randomChunks(size: number, tap?: Hash): AsyncGenerator<Buffer> {
   }
 }
 
-// A minimal ustar writer: regular files only, streamed. (Node has no tar in its standard library,
-// and the format is a 512-byte header per file, the data padded to 512, and two zero blocks.)
-
 interface TarEntry {
-  /** Relative POSIX path, at most 100 bytes (no ustar prefix field needed). */
+  /** Relative POSIX path. */
   path: string;
   size: number;
   chunks: () => AsyncIterable<Buffer>;
 }
 
-const TAR_BLOCK = 512;
 /** A fixed mtime: bst ignores it, and the tarball stays a function of the contents. */
-const TAR_MTIME = 1_700_000_000;
+const TAR_MTIME = new Date(1_700_000_000 * 1000);
 
-/** Write a tarball of `entries`; returns its sha256 (the `tar` source's ref) and size. */
+/** Writes a tarball of `entries`, streaming; returns its sha256 (the `tar` source's ref) and size. */
 async function writeTar(path: string, entries: TarEntry[]): Promise<{ sha256: string; bytes: number }> {
   const hash = createHash('sha256');
   let bytes = 0;
-  async function* blocks(): AsyncGenerator<Buffer> {
-    for (const entry of entries) {
-      yield ustarHeader(entry.path, entry.size);
-      let written = 0;
-      for await (const chunk of entry.chunks()) {
-        written += chunk.length;
-        yield chunk;
-      }
-      if (written !== entry.size) throw new Error(`${entry.path}: wrote ${written} bytes, header says ${entry.size}`);
-      const pad = (TAR_BLOCK - (entry.size % TAR_BLOCK)) % TAR_BLOCK;
-      if (pad > 0) yield Buffer.alloc(pad);
-    }
-    yield Buffer.alloc(2 * TAR_BLOCK);
-  }
-  async function* hashed(source: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
-    for await (const chunk of source) {
+  const pack = tar.pack();
+  async function* hashed(source: AsyncIterable<unknown>): AsyncGenerator<Buffer> {
+    for await (const data of source) {
+      const chunk = Buffer.isBuffer(data) ? data : Buffer.from(String(data));
       hash.update(chunk);
       bytes += chunk.length;
       yield chunk;
     }
   }
-  await pipeline(hashed(blocks()), createWriteStream(path));
+  const written = pipeline(hashed(pack), createWriteStream(path));
+  for (const entry of entries) {
+    // The entry's callback runs once its data is in the archive (or failed).
+    await new Promise<void>((resolve, reject) => {
+      const file = pack.entry({ name: entry.path, size: entry.size, mode: 0o644, mtime: TAR_MTIME, uname: 'root', gname: 'root' }, (err) => (err ? reject(err) : resolve()));
+      void (async () => {
+        for await (const chunk of entry.chunks()) if (!file.write(chunk)) await once(file, 'drain');
+        file.end(() => undefined);
+      })().catch(reject);
+    });
+  }
+  pack.finalize();
+  await written;
   return { sha256: hash.digest('hex'), bytes };
-}
-
-function ustarHeader(path: string, size: number): Buffer {
-  const h = Buffer.alloc(TAR_BLOCK);
-  if (Buffer.byteLength(path) > 100) throw new Error(`tar path too long for ustar without prefix: ${path}`);
-  const octal = (offset: number, length: number, value: number): void => {
-    const digits = value.toString(8).padStart(length - 1, '0');
-    if (digits.length > length - 1) throw new Error(`${value} does not fit a ${length}-byte tar field`);
-    h.write(`${digits}\0`, offset, 'latin1');
-  };
-  h.write(path, 0, 'utf8');
-  octal(100, 8, 0o644); // mode
-  octal(108, 8, 0); // uid
-  octal(116, 8, 0); // gid
-  octal(124, 12, size); // at most 8 GiB - 1
-  octal(136, 12, TAR_MTIME);
-  h.fill(0x20, 148, 156); // the checksum is computed with its own field as spaces
-  h.write('0', 156, 'latin1'); // typeflag: regular file
-  h.write('ustar\u000000', 257, 'latin1'); // magic "ustar\0" + version "00"
-  h.write('root', 265, 'latin1'); // uname
-  h.write('root', 297, 'latin1'); // gname
-  let sum = 0;
-  for (const byte of h) sum += byte;
-  h.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'latin1');
-  return h;
 }
 
 // ---------------------------------------------------------------------------
