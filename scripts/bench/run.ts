@@ -3,7 +3,7 @@
  * (`buildstream._artifactcache.casserver` from Debian's `buildstream`), on the same data, in the
  * same run, both on 127.0.0.1. Never part of `npm test`.
  *
- *   npm run bench                      # everything (~10 min on 2 cores, ~8 GB of scratch disk)
+ *   npm run bench                      # everything (~6 min on 2 cores, ~8 GB of scratch disk)
  *   npm run bench -- --quick           # small sizes, to check the suite itself (~2 min)
  *   npm run bench -- --skip-bst        # only the serving benchmarks (no bst build/pull)
  *
