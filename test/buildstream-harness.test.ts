@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import {
+  assertBstOk,
   bstAvailable,
   bstUserConfig,
   compareTrees,
@@ -46,10 +47,6 @@ async function tempDir(defer: (fn: () => Promise<void>) => void, prefix: string)
     else await rm(dir, { recursive: true, force: true });
   });
   return dir;
-}
-
-function assertOk(result: BstResult, what: string): void {
-  assert.equal(result.code, 0, `${what} failed with code ${result.code}\n--- stderr ---\n${result.stderr}\n--- stdout ---\n${result.stdout}`);
 }
 
 /** `project/element/key` -> { element: [keys] } */
@@ -172,7 +169,7 @@ test('bst 1.6: build, push to the reference server, pull into an empty cache, ch
   const bst = (args: string[], config: string): Promise<BstResult> => runBst(args, { cwd: project.projectDir, config });
 
   // --- build ---------------------------------------------------------------------------
-  assertOk(await bst(['build', project.topElement], buildConf), 'bst build');
+  assertBstOk(await bst(['build', project.topElement], buildConf), 'bst build');
   const builtRefs = await listArtifactRefs(join(pusherRoot, 'artifacts'));
   const byElement = refsByElement(builtRefs);
   // import and compose: weak key == strong key (one ref); stack: strong and weak differ (two refs)
@@ -185,7 +182,7 @@ test('bst 1.6: build, push to the reference server, pull into an empty cache, ch
 
   // --- push ----------------------------------------------------------------------------
   const push = await bst(['push', '--deps', 'all', project.topElement], pushConf);
-  assertOk(push, 'bst push');
+  assertBstOk(push, 'bst push');
   assert.equal(push.stderr.match(/Pushed artifact/g)?.length, project.elements.length, push.stderr);
   assert.deepEqual(await listArtifactRefs(server.repo), builtRefs, 'server holds every ref, strong and weak');
   for (const ref of builtRefs) {
@@ -201,7 +198,7 @@ test('bst 1.6: build, push to the reference server, pull into an empty cache, ch
   // --- pull into an empty cache ----------------------------------------------------------
   assert.deepEqual(await listArtifactRefs(join(pullerRoot, 'artifacts')), []);
   const pull = await bst(['pull', '--deps', 'all', project.topElement], pullConf);
-  assertOk(pull, 'bst pull');
+  assertBstOk(pull, 'bst pull');
   assert.equal(pull.stderr.match(/Pulled artifact/g)?.length, project.elements.length, pull.stderr);
   assert.deepEqual(await listArtifactRefs(join(pullerRoot, 'artifacts')), builtRefs, 'puller has every ref');
 
@@ -218,7 +215,7 @@ test('bst 1.6: build, push to the reference server, pull into an empty cache, ch
 
   // --- checkout and compare with the original files ----------------------------------------
   const checkoutDir = join(root, 'checkout');
-  assertOk(await bst(['checkout', project.topElement, checkoutDir], pullConf), 'bst checkout');
+  assertBstOk(await bst(['checkout', project.topElement, checkoutDir], pullConf), 'bst checkout');
   assert.deepEqual(await compareTrees(project.expectedDir, checkoutDir), []);
 
   // The reference server logged no Python exception along the way.

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import {
   type BstResult,
+  assertBstOk,
   bstAvailable,
   bstUserConfig,
   compareTrees,
@@ -19,10 +20,6 @@ import {
   writeBstProject,
 } from './helpers/buildstream.js';
 import { runCli, startServeProcess, tempDir } from './helpers/mirror.js';
-
-function assertOk(result: BstResult, what: string): void {
-  assert.equal(result.code, 0, `${what} failed with code ${result.code}\n--- stderr ---\n${result.stderr}\n--- stdout ---\n${result.stdout}`);
-}
 
 async function countFiles(dir: string): Promise<number> {
   let n = 0;
@@ -48,8 +45,8 @@ test('bst 1.6 pulls from the mirror what it pushed to the reference server; bst 
     if (!referenceStopped) await reference.stop();
   });
   const builder = join(root, 'builder');
-  assertOk(await bst(['build', project.topElement], await conf('build.conf', [], builder)), 'bst build');
-  assertOk(await bst(['push', '--deps', 'all', project.topElement], await conf('push.conf', [{ url: reference.url, push: true }], builder)), 'bst push');
+  assertBstOk(await bst(['build', project.topElement], await conf('build.conf', [], builder)), 'bst build');
+  assertBstOk(await bst(['push', '--deps', 'all', project.topElement], await conf('push.conf', [{ url: reference.url, push: true }], builder)), 'bst push');
   const refs = await listArtifactRefs(join(builder, 'artifacts'));
   assert.equal(refs.length, project.elements.length + 1, 'strong and weak refs');
 
@@ -73,16 +70,16 @@ test('bst 1.6 pulls from the mirror what it pushed to the reference server; bst 
   const puller = join(root, 'puller');
   const pullConf = await conf('pull.conf', [{ url: mirrorUrl, push: false }], puller);
   const pull = await bst(['pull', '--deps', 'all', project.topElement], pullConf);
-  assertOk(pull, 'bst pull from the mirror');
+  assertBstOk(pull, 'bst pull from the mirror');
   assert.equal(pull.stderr.match(/Pulled artifact/g)?.length, project.elements.length, pull.stderr);
   const checkout = join(root, 'checkout');
-  assertOk(await bst(['checkout', project.topElement, checkout], pullConf), 'bst checkout');
+  assertBstOk(await bst(['checkout', project.topElement, checkout], pullConf), 'bst checkout');
   assert.deepEqual(await compareTrees(project.expectedDir, checkout), [], 'identical files, modes and symlinks');
 
   // `bst push` to the mirror fails clearly and leaves the store as it was.
   const objectsBefore = await countFiles(join(mirrorDir, 'cas'));
   const rebuilt = join(root, 'rebuilt');
-  assertOk(await bst(['build', project.topElement], await conf('build2.conf', [], rebuilt)), 'second bst build');
+  assertBstOk(await bst(['build', project.topElement], await conf('build2.conf', [], rebuilt)), 'second bst build');
   const push = await bst(['push', '--deps', 'all', project.topElement], await conf('push-mirror.conf', [{ url: mirrorUrl, push: true }], rebuilt));
   t.diagnostic(`bst push to the mirror: ${push.stderr.split('\n').filter((l) => /remote|push/i.test(l)).slice(0, 4).join(' | ')}`);
   assert.notEqual(push.code, 0, 'bst push to the pull-only mirror must fail');

@@ -26,7 +26,7 @@ import { pathToFileURL } from 'node:url';
 import type { Digest } from '../../src/cas/digest.js';
 import { spawnTracked } from './processes.js';
 import {
-  type BstResult,
+  assertBstOk,
   bstAvailable,
   bstUserConfig,
   listArtifactRefs,
@@ -474,12 +474,6 @@ async function countObjects(objectsDir: string): Promise<{ count: number; bytes:
 export async function settleDisk(): Promise<void> {
   const { code, stderr } = await spawnTracked('sync', []).done;
   if (code !== 0) throw new Error(`sync exited with ${code}: ${stderr}`);
-}
-
-function assertBstOk(result: BstResult, what: string): void {
-  if (result.code !== 0) {
-    throw new Error(`${what} failed with code ${result.code}\n--- stderr ---\n${result.stderr}\n--- stdout ---\n${result.stdout}`);
-  }
 }
 
 function validateOptions(opts: WorkloadOptions): void {

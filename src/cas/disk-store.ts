@@ -189,10 +189,10 @@ export class DiskContentStore implements ContentStore {
       if (isErrno(err, 'ENOENT')) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is no longer in the mirror`);
       throw err;
     }
+    // read() checked the size; object files are only ever replaced by a verified copy, and a file
+    // that shrank since is caught below.
     const hash = check ? createHash('sha256') : undefined;
     try {
-      const { size } = await fh.stat();
-      if (size !== digest.sizeBytes) throw await this.corrupt(digest, `its object file has ${size} bytes instead of ${digest.sizeBytes}`);
       for (let pos = start; pos < end; ) {
         const n = Math.min(chunkBytes, end - pos);
         // A fresh buffer per chunk: the transport may still hold the previous one.

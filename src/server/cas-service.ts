@@ -12,13 +12,15 @@ import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
-import { guardedDefinition, onceDrainOrCancel, readOnlyError, serverStream, unary } from './handler.js';
+import { boundedWriter, guardedDefinition, readOnlyError, serverStream, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
 import { toStatus } from './status.js';
 
 /** Directories per GetTree response message, and a byte budget that keeps messages small. */
 const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
+/** Pages a GetTree may have queued for HTTP/2 at once. */
+const TREE_PAGES_IN_FLIGHT = 4;
 
 /** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
 export class CasService {
@@ -90,8 +92,9 @@ export class CasService {
     let pageBytes = 0;
     let level: { digest: Digest; data: Buffer }[] = [{ digest: root, data: rootData }];
     const seen = new Set<string>([digestKey(root)]);
+    const out = boundedWriter(call, TREE_PAGES_IN_FLIGHT);
     const flush = async (next: string): Promise<void> => {
-      if (!call.write({ directories: page, nextPageToken: next })) await onceDrainOrCancel(call);
+      await out.write({ directories: page, nextPageToken: next });
       page = [];
       pageBytes = 0;
     };

@@ -100,21 +100,6 @@ export function readOnlyError(what: string): MirrorError {
   return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror serves a pull-only mirror; push to the upstream cache instead`);
 }
 
-/** Waits until a server stream can take more data, or the client went away. */
-export async function onceDrainOrCancel(call: grpc.ServerWritableStream<unknown, unknown>): Promise<void> {
-  await new Promise<void>((resolve) => {
-    const done = (): void => {
-      call.off('drain', done);
-      call.off('cancelled', done);
-      call.off('close', done);
-      resolve();
-    };
-    call.on('drain', done);
-    call.on('cancelled', done);
-    call.on('close', done);
-  });
-}
-
 /**
  * Writes to a server stream with at most `maxInFlight` messages not yet handed to HTTP/2.
  * grpc-js only pushes back once 16 messages are queued (16 MiB a call for ByteStream), so bounding

@@ -16,6 +16,7 @@
  * commands, and the checkout runs no integration commands. `bst` still needs
  * `bwrap` on PATH at start-up (Debian's python3-buildstream depends on bubblewrap).
  */
+import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, accessSync, constants as fsConstants } from 'node:fs';
@@ -452,6 +453,11 @@ function minimalEnv(): Record<string, string> {
   const tmp = process.env['TMPDIR'];
   if (tmp) env['TMPDIR'] = tmp;
   return env;
+}
+
+/** Asserts a bst run exited 0; the message carries its stderr and stdout. */
+export function assertBstOk(result: BstResult, what: string): void {
+  assert.equal(result.code, 0, `${what} failed with code ${result.code}\n--- stderr ---\n${result.stderr}\n--- stdout ---\n${result.stdout}`);
 }
 
 /**
