@@ -100,13 +100,20 @@ export class IoWorker<Req, Rep> {
         waiter.resolve(message.reply);
       }
     });
-    const fail = (err: Error): void => {
+    // A thread's crash report travels on Node's internal port and can overtake replies it sent
+    // just before; Node delivers every reply before 'exit'. So 'error' only stops new requests
+    // going to the thread, and 'exit' fails the requests it never answered.
+    let crash: Error | undefined;
+    worker.on('error', (err) => {
+      crash ??= err;
       if (this.running === running) this.running = undefined;
-      for (const waiter of running.pending.values()) waiter.reject(new Error(`the ${this.name} thread stopped: ${err.message}`));
+    });
+    worker.on('exit', (code) => {
+      if (this.running === running) this.running = undefined;
+      const why = crash?.message ?? `exit code ${code}`;
+      for (const waiter of running.pending.values()) waiter.reject(new Error(`the ${this.name} thread stopped: ${why}`));
       running.pending.clear();
-    };
-    worker.on('error', fail);
-    worker.on('exit', (code) => fail(new Error(`exit code ${code}`)));
+    });
     worker.unref();
     this.running = running;
     return running;
