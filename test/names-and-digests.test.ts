@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/digest.js';
-import { parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
+import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
 import { parseRefsText } from '../src/cli/refs-file.js';
 import { isMirrorError } from '../src/errors.js';
 import { parseUpstreamUrl } from '../src/remote/upstream.js';
@@ -58,6 +58,26 @@ test('BuildStream names and URNs', () => {
     assert.throws(() => parseUrn(bad), (e: unknown) => isMirrorError(e, 'INVALID_ARGUMENT'), bad);
   }
   assert.throws(() => parseUserName('  '), /empty name/);
+});
+
+test('names as users copy them from bst show: element paths are normalised, short keys and junctions refused', () => {
+  const key = 'c'.repeat(64);
+  const urns = (input: string): string[] => parseUserName(input).map((n) => n.urn);
+  // `bst show --format '%{name} %{full-key}'` prints element paths; BuildStream's artifact names use normal names.
+  assert.deepEqual(urns(`project/sub/hello.bst/${key}`), [`${URN_PREFIX}artifact:project/sub-hello/${key}`, `${URN_PREFIX}v1:project/sub-hello/${key}`]);
+  assert.equal(parseUserName(`p/a/b/c.bst/${key}`)[0]?.key, `p/a-b-c/${key}`);
+  assert.equal(parseUserName(`p/top.bst/${key}`)[0]?.key, `p/top/${key}`);
+  assert.equal(parseUserName(`p/odd name+x.bst/${key}`)[0]?.key, `p/odd_name_x/${key}`);
+  assert.equal(parseUserName(`p/already-normal/${key}`)[0]?.key, `p/already-normal/${key}`);
+  assert.equal(normalElementName('base/tree.bst'), 'base-tree');
+  const invalid = (e: unknown): boolean => isMirrorError(e, 'INVALID_ARGUMENT');
+  assert.throws(() => parseUserName('p/top.bst/3f1c2a9b'), /short cache key '3f1c2a9b'.*full 64-character key.*bst show --deps all --format '%\{name\} %\{full-key\}'/);
+  assert.throws(() => parseUserName(`urn:fdc:buildstream.build:2020:artifact:p/e/3f1c2a9b`), /short cache key/);
+  assert.throws(() => parseUserName(`p/top.bst/${key.toUpperCase()}`), /does not end in a cache key/);
+  assert.throws(() => parseUserName(`top.bst/${key}`), /expected PROJECT\/ELEMENT\/KEY/);
+  assert.throws(() => parseUserName(`p//${key}`), /expected PROJECT\/ELEMENT\/KEY/);
+  assert.throws(() => parseUserName(`p/freedesktop-sdk.bst:components/glib.bst/${key}`), /junction/);
+  for (const bad of ['p/top.bst/3f1c2a9b', 'just-a-word', `p/e/${key}x`]) assert.throws(() => parseUserName(bad), invalid, bad);
 });
 
 test('refs files allow comments and blank lines', () => {

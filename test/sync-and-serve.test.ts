@@ -172,7 +172,7 @@ test('1.x dialect: refs from a ReferenceStorage upstream; upstreams tried in ord
   assert.equal(missing?.status, 'failed');
   assert.match(missing?.reason ?? '', /127\.0\.0\.1:1.*UNAVAILABLE/);
   assert.equal(bad?.status, 'failed');
-  assert.match(bad?.reason ?? '', /not a valid artifact name/);
+  assert.match(bad?.reason ?? '', /'not a name' is not a name: expected PROJECT\/ELEMENT\/KEY/);
   const noDown = await syncNames({ store, upstreams: [live], names: [`proj/absent/${KEY}`], log });
   assert.equal(noDown.results[0]?.status, 'missing');
   const got = await call(c.refs, c.refs.getReference, { instanceName: '', key: REF });

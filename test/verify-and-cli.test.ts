@@ -95,6 +95,16 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
   assert.equal(badListen.code, 2);
   assert.match(badListen.stderr, /HOST:PORT/);
   assert.equal((await runCli(['frobnicate'])).code, 2);
+  // A short key or a malformed name is a usage error before any upstream is asked (127.0.0.1:1 would refuse).
+  const refsFile = join(dir, 'wanted.txt');
+  await writeFile(refsFile, `harness/top.bst/3f1c2a9b\nnot-a-name\n${REF}\n`);
+  const shortKey = await runCli(['sync', '--dir', dir, '--upstream', 'http://127.0.0.1:1', '--refs-file', refsFile]);
+  assert.equal(shortKey.code, 2, shortKey.stderr);
+  assert.match(shortKey.stderr, /invalid names:\n  'harness\/top.bst\/3f1c2a9b' has a short cache key '3f1c2a9b': give the full 64-character key, as bst show --deps all --format '%\{name\} %\{full-key\}' TARGET.bst prints it\n  'not-a-name' is not a name/);
+  assert.doesNotMatch(shortKey.stderr, /127\.0\.0\.1:1/);
+  const badPair = await runCli(['sync', '--dir', dir, '--upstream', 'index=http://127.0.0.1:1', '--ref', REF]);
+  assert.equal(badPair.code, 2);
+  assert.match(badPair.stderr, /an index\/storage pair needs both index=URL and storage=URL/);
 
   const up = new FakeUpstream('remote-asset');
   await up.start();

@@ -81,6 +81,50 @@ export function parseUrn(urn: string): MirrorName {
   }
 }
 
+/** How a user gets full names: BuildStream's `bst show` with its full (64-hex) keys. */
+export const HOW_TO_GET_NAMES = "bst show --deps all --format '%{name} %{full-key}' TARGET.bst";
+
+const HEX = /^[0-9a-f]+$/;
+/** The characters BuildStream keeps in an element's normal name; it turns any other into `_`. */
+const NOT_NORMAL = /[^0-9A-Za-z._-]/g;
+
+/**
+ * BuildStream's normal name of an element path (`Element.normal_name`, then
+ * `_compose_artifact_name`): `/` becomes `-`, the `.bst` extension is dropped, and characters
+ * outside `[0-9A-Za-z._-]` become `_`. `sub/hello.bst` is `sub-hello`.
+ */
+export function normalElementName(path: string): string {
+  return path.replace(/\.bst$/, '').replaceAll('/', '-').replace(NOT_NORMAL, '_');
+}
+
+function checkFullKey(input: string, key: string): void {
+  if (key.length < 64 && HEX.test(key)) {
+    throw new MirrorError('INVALID_ARGUMENT', `'${short(input)}' has a short cache key '${key}': give the full 64-character key, as ${HOW_TO_GET_NAMES} prints it`);
+  }
+  if (key.length !== 64 || !HEX.test(key)) {
+    throw new MirrorError('INVALID_ARGUMENT', `'${short(input)}' does not end in a cache key (64 lowercase hex characters; full keys: ${HOW_TO_GET_NAMES})`);
+  }
+}
+
+/**
+ * Turns `PROJECT/ELEMENT/KEY` as a user copies it into an artifact name. ELEMENT may be the
+ * element path `bst show` prints (`sub/hello.bst`), normalised as BuildStream does, or the normal
+ * name itself; KEY must be the full 64-hex cache key, not bst's 8-character display key.
+ */
+export function userArtifactName(input: string): string {
+  const segments = input.split('/');
+  const key = segments.at(-1) ?? '';
+  if (segments.length < 3 || segments.some((s) => s === '')) {
+    throw new MirrorError('INVALID_ARGUMENT', `'${short(input)}' is not a name: expected PROJECT/ELEMENT/KEY or a BuildStream URN (full names: ${HOW_TO_GET_NAMES})`);
+  }
+  checkFullKey(input, key);
+  const element = segments.slice(1, -1).join('/');
+  if (element.includes(':')) {
+    throw new MirrorError('INVALID_ARGUMENT', `'${short(input)}' names an element through a junction: give it under the junctioned project's own name, PROJECT/ELEMENT/KEY`);
+  }
+  return `${segments[0] ?? ''}/${normalElementName(element)}/${key}`;
+}
+
 /**
  * Parses a name as a user gives it to `sync`: a full URN, or `project/element/key`, which may be
  * a 1.x ref or a 2.x artifact. The candidates are tried in order against a Remote Asset upstream
@@ -89,6 +133,11 @@ export function parseUrn(urn: string): MirrorName {
 export function parseUserName(input: string): MirrorName[] {
   const name = input.trim();
   if (name === '') throw new MirrorError('INVALID_ARGUMENT', 'empty name');
-  if (name.startsWith('urn:')) return [parseUrn(name)];
-  return [artifactName(name), refName(name)];
+  if (name.startsWith('urn:')) {
+    const parsed = parseUrn(name);
+    if (parsed.kind === 'artifact' || parsed.kind === 'ref') checkFullKey(name, parsed.key.split('/')[2] ?? '');
+    return [parsed];
+  }
+  const artifact = userArtifactName(name);
+  return [artifactName(artifact), refName(artifact)];
 }

@@ -10,6 +10,7 @@ import { MirrorError, errorMessage } from '../errors.js';
 import { type LogLevel, createLogger } from '../log.js';
 import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
 import { runSync } from './sync-command.js';
+import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js';
 
 // Serving and syncing allocate a buffer per MiB moved, and V8's incremental marking, started by
 // that external-memory pressure on a heap of a few MB, costs more than the short full GCs it
@@ -35,8 +36,16 @@ async function main(argv: string[]): Promise<number> {
       'Mirror names and their whole closures from upstream caches into the local store',
       (y) =>
         y
-          .option('upstream', { type: 'string', array: true, demandOption: true, describe: 'Upstream cache URL (http:// or https://); repeat to try several in order' })
-          .option('ref', { type: 'string', array: true, default: [], describe: 'A name: PROJECT/ELEMENT/KEY (1.x ref or 2.x artifact) or a full BuildStream URN' })
+          .option('upstream', { type: 'string', array: true, demandOption: true, describe: UPSTREAM_OPTION_HELP })
+          .option('ref', {
+            type: 'string',
+            array: true,
+            default: [],
+            describe:
+              'A name: PROJECT/ELEMENT/KEY (1.x ref or 2.x artifact) or a full BuildStream URN. ELEMENT may be the element path ' +
+              "as `bst show --deps all --format '%{name} %{full-key}'` prints it (PROJECT/sub/hello.bst/KEY is the artifact " +
+              'PROJECT/sub-hello/KEY); KEY is the full 64-character cache key',
+          })
           .option('refs-file', { type: 'string', array: true, default: [], describe: 'File of names, one per line (# comments and blank lines allowed)' })
           .option('with-buildtrees', { type: 'boolean', default: false, describe: "Also mirror 2.x artifacts' buildtree, sources and buildroot" })
           .option('server-cert', { type: 'string', describe: 'PEM CA certificate(s) to trust for https upstreams' })
@@ -56,14 +65,15 @@ async function main(argv: string[]): Promise<number> {
         exitCode = await runSync(
           {
             dir: a.dir,
-            upstreams: a.upstream.map((url) => ({
-              url,
-              instanceName: a['instance-name'],
-              serverCertFile: a['server-cert'],
-              clientCertFile: a['client-cert'],
-              clientKeyFile: a['client-key'],
-              accessTokenFile: a['access-token'],
-            })),
+            upstreams: a.upstream.map((value) =>
+              parseUpstreamOption(value, {
+                instanceName: a['instance-name'],
+                serverCertFile: a['server-cert'],
+                clientCertFile: a['client-cert'],
+                clientKeyFile: a['client-key'],
+                accessTokenFile: a['access-token'],
+              }),
+            ),
             refs: a.ref,
             refsFiles: a['refs-file'],
             withBuildtrees: a['with-buildtrees'],

@@ -3,7 +3,8 @@ import type { Logger } from 'pino';
 import { DiskContentStore } from '../cas/disk-store.js';
 import { GrpcUpstream, type UpstreamSpec } from '../remote/upstream.js';
 import { type SyncReport, syncNames } from '../sync/sync-job.js';
-import { MirrorError } from '../errors.js';
+import { parseUserName } from '../cas/names.js';
+import { MirrorError, errorMessage } from '../errors.js';
 import { formatBytes } from './format.js';
 import { readRefsFile } from './refs-file.js';
 
@@ -22,6 +23,16 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
   const names = [...args.refs];
   for (const file of args.refsFiles) names.push(...(await readRefsFile(file)));
   if (names.length === 0) throw new MirrorError('CONFIG_INVALID', 'no names to sync: give --ref NAME or --refs-file FILE (the refs file is empty)');
+  // A malformed name or a short key is the user's to fix, before any WAN round trip.
+  const invalid = names.flatMap((name) => {
+    try {
+      parseUserName(name);
+      return [];
+    } catch (err) {
+      return [errorMessage(err)];
+    }
+  });
+  if (invalid.length > 0) throw new MirrorError('CONFIG_INVALID', `invalid name${invalid.length > 1 ? 's' : ''}:\n  ${invalid.join('\n  ')}`);
   const upstreams = await Promise.all(args.upstreams.map((spec) => GrpcUpstream.create(spec)));
   const store = await DiskContentStore.open(args.dir, log);
   const bar = process.stderr.isTTY && !args.json
