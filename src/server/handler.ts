@@ -97,7 +97,7 @@ export function clientStreamRefusal<Req, Res>(
 
 /** The one refusal every write RPC of the pull-only mirror gives (PERMISSION_DENIED). */
 export function readOnlyError(what: string): MirrorError {
-  return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror serves a pull-only mirror; push to the upstream cache instead`);
+  return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror is a pull-only mirror. List it with push: false (with push: true BuildStream drops it, for pulls too) and push to the upstream cache`);
 }
 
 /**

@@ -8,6 +8,7 @@ import {
   type ContentAddressableStorageServer,
   Directory,
   DigestFunction_Value,
+  SymlinkAbsolutePathStrategy_Value,
 } from '../../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { ReferenceStorageService, type ReferenceStorageServer } from '../../src/gen/buildstream/v2/buildstream.js';
 import { ByteStreamService, type ByteStreamServer } from '../../src/gen/google/bytestream/bytestream.js';
@@ -124,8 +125,12 @@ export class FakeUpstream {
             digestFunctions: [DigestFunction_Value.SHA256],
             actionCacheUpdateCapabilities: { updateEnabled: false },
             maxBatchTotalSizeBytes: BigInt(this.maxBatchBytes),
-            symlinkAbsolutePathStrategy: 0,
+            symlinkAbsolutePathStrategy: SymlinkAbsolutePathStrategy_Value.ALLOWED,
           },
+          // As BuildStream's own servers (1.6 and 2.x casserver) answer.
+          deprecatedApiVersion: { major: 2, minor: 0, patch: 0, prerelease: '' },
+          lowApiVersion: { major: 2, minor: 0, patch: 0, prerelease: '' },
+          highApiVersion: { major: 2, minor: 0, patch: 0, prerelease: '' },
         });
       },
     };
