@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/digest.js';
+import { formatBytes } from '../src/cli/format.js';
 import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
 import { parseRefsText } from '../src/cli/refs-file.js';
 import { isMirrorError } from '../src/errors.js';
@@ -78,6 +79,13 @@ test('names as users copy them from bst show: element paths are normalised, shor
   assert.throws(() => parseUserName(`p//${key}`), /expected PROJECT\/ELEMENT\/KEY/);
   assert.throws(() => parseUserName(`p/freedesktop-sdk.bst:components/glib.bst/${key}`), /junction/);
   for (const bad of ['p/top.bst/3f1c2a9b', 'just-a-word', `p/e/${key}x`]) assert.throws(() => parseUserName(bad), invalid, bad);
+});
+
+test('sizes and rates are printed rounded', () => {
+  assert.equal(formatBytes(517.8466939730837), '518 B');
+  assert.equal(formatBytes(0), '0 B');
+  assert.equal(formatBytes(1536), '1.5 KiB');
+  assert.equal(formatBytes(3 * 1024 ** 3), '3.0 GiB');
 });
 
 test('refs files allow comments and blank lines', () => {

@@ -82,6 +82,9 @@ test('bad input is INVALID_ARGUMENT (or NOT_FOUND / OUT_OF_RANGE where the proto
   await assert.rejects(readAll(c.bytestream, `blobs/${d.hash}/10`, 0n, -1n), code(grpc.status.INVALID_ARGUMENT));
   assert.equal((await readAll(c.bytestream, `main/blobs/${d.hash}/10`, 3n, 4n)).toString(), '3456');
   assert.equal((await readAll(c.bytestream, `blobs/${d.hash}/10`, 10n)).byteLength, 0);
+  // REAPI reserves uploads/… for writes: it is not an instance name to read from.
+  await assert.rejects(readAll(c.bytestream, `uploads/2f0c6e0e-5b1c-4a3e-9f5e-1c2d3e4f5a6b/blobs/${d.hash}/10`), code(grpc.status.INVALID_ARGUMENT, /reserved word 'uploads'.*reads take \[instance\/\]blobs\/HASH\/SIZE/));
+  await assert.rejects(readAll(c.bytestream, `main/actions/blobs/${d.hash}/10`), code(grpc.status.INVALID_ARGUMENT, /reserved word 'actions'/));
   // URNs.
   const fb = (uris: string[], qualifiers: { name: string; value: string }[] = []) => call(c.fetch, c.fetch.fetchBlob, { instanceName: '', uris, qualifiers, digestFunction: 0 });
   await assert.rejects(fb(['https://example.com/file.tar.gz']), code(grpc.status.INVALID_ARGUMENT, /only BuildStream names/));
@@ -90,6 +93,10 @@ test('bad input is INVALID_ARGUMENT (or NOT_FOUND / OUT_OF_RANGE where the proto
   await assert.rejects(fb([`${URN_PREFIX}v1:p/e/k`]), code(grpc.status.INVALID_ARGUMENT, /use FetchDirectory/));
   await assert.rejects(fb([`${URN_PREFIX}artifact:p/e/k`], [{ name: 'resource_type', value: 'x' }]), code(grpc.status.INVALID_ARGUMENT, /qualifiers/));
   await assert.rejects(call(c.refs, c.refs.getReference, { instanceName: '', key: '../../etc/passwd' }), code(grpc.status.INVALID_ARGUMENT));
+  // Fan-out per request is bounded; a miss of several URIs says so plainly.
+  const many = Array.from({ length: 65 }, (_, i) => `${URN_PREFIX}artifact:p/e/${i.toString(16).padStart(64, '0')}`);
+  await assert.rejects(fb(many), code(grpc.status.INVALID_ARGUMENT, /at most 64 URIs per request, got 65/));
+  await assert.rejects(fb(many.slice(0, 2)), code(grpc.status.NOT_FOUND, /^none of the 2 URIs is in the mirror$/));
   const tree = async (pageToken: string) => {
     const stream = c.cas.getTree({ instanceName: '', rootDigest: toWire(d), pageSize: 0, pageToken, digestFunction: 0 }, new grpc.Metadata(), { deadline: Date.now() + 10_000 });
     for await (const _page of stream) void _page;

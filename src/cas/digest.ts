@@ -95,6 +95,8 @@ export interface ResourceName {
 }
 
 const INSTANCE_SEGMENT = /^[A-Za-z0-9._-]+$/;
+/** Words REAPI forbids as instance name segments, since resource names use them. */
+const RESERVED_SEGMENTS = new Set(['blobs', 'uploads', 'compressed-blobs', 'actions', 'actionResults', 'operations', 'capabilities']);
 
 /**
  * Parses `[{instance}/]blobs/{hash}/{size}` (read) or
@@ -112,6 +114,11 @@ export function parseResourceName(name: string, kind: 'read' | 'write'): Resourc
     throw new MirrorError('INVALID_ARGUMENT', `resource name '${truncate(name)}' is not of the form [instance/]${kind === 'read' ? 'blobs/HASH/SIZE' : 'uploads/UUID/blobs/HASH/SIZE'}${hint}`);
   }
   const instanceParts = parts.slice(0, at);
+  // REAPI reserves these words: `uploads/…/blobs/…` is a write's name, never an instance to read from.
+  const reserved = instanceParts.find((seg) => RESERVED_SEGMENTS.has(seg));
+  if (reserved !== undefined) {
+    throw new MirrorError('INVALID_ARGUMENT', `resource name '${truncate(name)}' has the reserved word '${reserved}' in its instance name${reserved === 'uploads' ? `: reads take [instance/]blobs/HASH/SIZE, uploads/… is for writes` : ''}`);
+  }
   for (const seg of instanceParts) {
     if (!INSTANCE_SEGMENT.test(seg) || seg === '.' || seg === '..') {
       throw new MirrorError('INVALID_ARGUMENT', `resource name '${truncate(name)}' has an invalid instance name segment '${truncate(seg)}'`);

@@ -30,6 +30,8 @@ export async function lookupName(store: ContentStore, name: MirrorName): Promise
   return problem === undefined ? record : undefined;
 }
 
+const MAX_URIS_PER_REQUEST = 64;
+
 /** Remote Asset Fetch over the mirrored names; Push is refused (pull-only). */
 export class AssetService {
   constructor(
@@ -71,6 +73,10 @@ export class AssetService {
     checkNoQualifiers(req.qualifiers);
     // BuildStream probes with an empty request and expects exactly this status.
     if (req.uris.length === 0) throw new MirrorError('INVALID_ARGUMENT', 'at least one URI is required');
+    // BuildStream sends one or two; a bound keeps one request from holding the server.
+    if (req.uris.length > MAX_URIS_PER_REQUEST) {
+      throw new MirrorError('INVALID_ARGUMENT', `at most ${MAX_URIS_PER_REQUEST} URIs per request, got ${req.uris.length}`);
+    }
     const names = req.uris.map(parseUrn);
     for (const name of names) {
       const kind = isDirectoryName(name.kind) ? 'directory' : 'blob';
@@ -82,6 +88,6 @@ export class AssetService {
       const record = await lookupName(this.store, name);
       if (record) return { uri: req.uris[i] ?? name.urn, digest: record.digest };
     }
-    throw new MirrorError('NAME_NOT_FOUND', `${names.length === 1 ? `'${names[0]?.urn}' is` : 'none of the URIs is'} not in the mirror`);
+    throw new MirrorError('NAME_NOT_FOUND', names.length === 1 ? `'${names[0]?.urn}' is not in the mirror` : `none of the ${names.length} URIs is in the mirror`);
   }
 }
