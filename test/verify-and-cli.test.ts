@@ -102,6 +102,12 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
   assert.equal(shortKey.code, 2, shortKey.stderr);
   assert.match(shortKey.stderr, /invalid names:\n  'harness\/top.bst\/3f1c2a9b' has a short cache key '3f1c2a9b': give the full 64-character key, as bst show --deps all --format '%\{name\} %\{full-key\}' TARGET.bst prints it\n  'not-a-name' is not a name/);
   assert.doesNotMatch(shortKey.stderr, /127\.0\.0\.1:1/);
+  // Certificate and key files are parsed when the upstream is set up: a wrong file is exit 2, naming it.
+  for (const [flag, what] of [['--server-cert', 'server certificate file /etc/passwd is not a PEM certificate'], ['--client-key', 'client key file /etc/passwd is not a PEM private key']] as const) {
+    const badPem = await runCli(['sync', '--dir', dir, '--upstream', 'https://127.0.0.1:1', flag, '/etc/passwd', '--ref', REF]);
+    assert.equal(badPem.code, 2, badPem.stderr);
+    assert.match(badPem.stderr, new RegExp(what));
+  }
   const badPair = await runCli(['sync', '--dir', dir, '--upstream', 'index=http://127.0.0.1:1', '--ref', REF]);
   assert.equal(badPair.code, 2);
   assert.match(badPair.stderr, /an index\/storage pair needs both index=URL and storage=URL/);

@@ -1,3 +1,4 @@
+import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import * as grpc from '@grpc/grpc-js';
 import { FetchClient } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
@@ -84,6 +85,9 @@ export class Endpoint {
         readOptional(spec.clientCertFile, 'client certificate'),
         readOptional(spec.clientKeyFile, 'client key'),
       ]);
+      checkPem(spec.serverCertFile, ca, 'server certificate');
+      checkPem(spec.clientCertFile, cert, 'client certificate');
+      checkPem(spec.clientKeyFile, key, 'client key');
       if ((cert === undefined) !== (key === undefined)) {
         throw new MirrorError('CONFIG_INVALID', `upstream ${spec.url}: a client certificate and a client key must be given together`);
       }
@@ -161,5 +165,26 @@ async function readOptional(file: string | undefined, what: string): Promise<Buf
     return await readFile(file);
   } catch (err) {
     throw new MirrorError('CONFIG_INVALID', `cannot read the ${what} file ${file}: ${errorMessage(err)}`, { cause: err });
+  }
+}
+
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+
+/**
+ * Parses certificate and key files when the upstream is configured, so a wrong file is a
+ * configuration error naming it, not a TLS failure on the first connection.
+ */
+function checkPem(file: string | undefined, pem: Buffer | undefined, what: 'server certificate' | 'client certificate' | 'client key'): void {
+  if (file === undefined || pem === undefined) return;
+  try {
+    if (what === 'client key') {
+      createPrivateKey(pem);
+      return;
+    }
+    const certificates = pem.toString('utf8').match(PEM_CERTIFICATE) ?? [];
+    if (certificates.length === 0) throw new Error('no PEM certificate (-----BEGIN CERTIFICATE-----) in it');
+    for (const certificate of certificates) new X509Certificate(certificate);
+  } catch (err) {
+    throw new MirrorError('CONFIG_INVALID', `the ${what} file ${file} is not a PEM ${what === 'client key' ? 'private key' : 'certificate'}: ${errorMessage(err)}`, { cause: err });
   }
 }
