@@ -7,6 +7,7 @@ import { DEFAULT_RECHECK_AFTER_MS, DiskContentStore } from '../cas/disk-store.js
 import { verifyStore } from '../cas/verify.js';
 import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
 import { MirrorError, errorMessage } from '../errors.js';
+import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
 import { type LogLevel, createLogger } from '../log.js';
 import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
 import { runSync } from './sync-command.js';
@@ -54,10 +55,16 @@ async function main(argv: string[]): Promise<number> {
           .option('access-token', { type: 'string', describe: 'File holding a bearer token to send upstream' })
           .option('instance-name', { type: 'string', default: '', describe: 'REAPI instance name of the upstreams' })
           .option('concurrency', { type: 'number', default: 8, describe: 'Upstream transfers in flight at once' })
+          .option('read-idle-timeout', {
+            type: 'number',
+            default: DEFAULT_READ_IDLE_TIMEOUT_MS / 1000,
+            describe: 'Seconds a blob download may receive nothing before it is abandoned as stalled',
+          })
           .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON instead of a summary' })
           .check((a) => {
             if (a.ref.length === 0 && a['refs-file'].length === 0) throw new Error('give at least one --ref NAME or --refs-file FILE');
             if (!Number.isInteger(a.concurrency) || a.concurrency < 1 || a.concurrency > 256) throw new Error('--concurrency must be an integer from 1 to 256');
+            if (!(a['read-idle-timeout'] > 0 && a['read-idle-timeout'] <= 3600)) throw new Error('--read-idle-timeout must be a number of seconds above 0, at most 3600');
             return true;
           }),
       async (a) => {
@@ -65,15 +72,16 @@ async function main(argv: string[]): Promise<number> {
         exitCode = await runSync(
           {
             dir: a.dir,
-            upstreams: a.upstream.map((value) =>
-              parseUpstreamOption(value, {
+            upstreams: a.upstream.map((value) => ({
+              ...parseUpstreamOption(value, {
                 instanceName: a['instance-name'],
                 serverCertFile: a['server-cert'],
                 clientCertFile: a['client-cert'],
                 clientKeyFile: a['client-key'],
                 accessTokenFile: a['access-token'],
               }),
-            ),
+              readIdleTimeoutMs: a['read-idle-timeout'] * 1000,
+            })),
             refs: a.ref,
             refsFiles: a['refs-file'],
             withBuildtrees: a['with-buildtrees'],

@@ -14,7 +14,14 @@ export { grpcCode, parseUpstreamUrl } from './endpoint.js';
  */
 export interface UpstreamSpec extends EndpointSpec {
   readonly storage?: EndpointSpec | undefined;
+  /**
+   * A ByteStream read that receives nothing for this long is abandoned as stalled
+   * (default 30 s). Separate from any total deadline, which no multi-GB blob could fit.
+   */
+  readonly readIdleTimeoutMs?: number | undefined;
 }
+
+export const DEFAULT_READ_IDLE_TIMEOUT_MS = 30_000;
 
 /**
  * The two index protocols an upstream can speak. `reference-storage` is BuildStream 1.x's
@@ -60,16 +67,18 @@ export class GrpcUpstream implements Upstream {
     private readonly index: Endpoint,
     /** Where blobs are read: the index endpoint itself unless a storage server was given. */
     private readonly storage: Endpoint,
+    private readonly readIdleTimeoutMs: number,
   ) {
     this.name = index === storage ? index.url : `${index.url} (index) + ${storage.url} (storage)`;
   }
 
   /** Builds the clients; reads certificate and token files now so a bad path fails early. */
   static async create(spec: UpstreamSpec): Promise<GrpcUpstream> {
+    const idle = spec.readIdleTimeoutMs ?? DEFAULT_READ_IDLE_TIMEOUT_MS;
     const index = await Endpoint.create(spec);
-    if (spec.storage === undefined) return new GrpcUpstream(index, index);
+    if (spec.storage === undefined) return new GrpcUpstream(index, index, idle);
     try {
-      return new GrpcUpstream(index, await Endpoint.create(spec.storage));
+      return new GrpcUpstream(index, await Endpoint.create(spec.storage), idle);
     } catch (err) {
       index.close();
       throw err;
@@ -179,9 +188,13 @@ export class GrpcUpstream implements Upstream {
       { resourceName: readResourceName(storage.instanceName, digest), readOffset: 0n, readLimit: 0n },
       storage.metadata(),
     );
+    const messages = (call as AsyncIterable<{ data: Uint8Array }>)[Symbol.asyncIterator]();
     try {
-      for await (const message of call as AsyncIterable<{ data: Uint8Array }>) {
-        if (message.data.byteLength > 0) yield message.data;
+      for (;;) {
+        // The idle clock runs only while we wait for the upstream, not while the store writes.
+        const next = await this.nextWithin(messages, digest);
+        if (next.done) break;
+        if (next.value.data.byteLength > 0) yield next.value.data;
       }
     } catch (err) {
       if (grpcCode(err) === grpc.status.NOT_FOUND) {
@@ -190,6 +203,22 @@ export class GrpcUpstream implements Upstream {
       throw storage.wrap(err, `ByteStream.Read of ${digestKey(digest)}`);
     } finally {
       call.cancel();
+    }
+  }
+
+  /** The stream's next message, or UPSTREAM_UNAVAILABLE if none comes within the idle timeout. */
+  private async nextWithin<T>(messages: AsyncIterator<T>, digest: Digest): Promise<IteratorResult<T>> {
+    let timer: NodeJS.Timeout | undefined;
+    const stalled = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const seconds = this.readIdleTimeoutMs / 1000;
+        reject(new MirrorError('UPSTREAM_UNAVAILABLE', `${this.storage.url}: ByteStream.Read of ${digestKey(digest)} stalled: no data for ${seconds} s`));
+      }, this.readIdleTimeoutMs);
+    });
+    try {
+      return await Promise.race([messages.next(), stalled]);
+    } finally {
+      clearTimeout(timer);
     }
   }
 }

@@ -30,6 +30,10 @@ export class FakeUpstream {
   /** Hash -> bytes to send instead of the real content (a corrupt upstream). */
   readonly corrupt = new Map<string, Buffer>();
   maxBatchBytes = 64 * 1024;
+  /** When set, ByteStream reads send this many bytes and then stall (connection healthy, call open). */
+  stallAfterBytes: number | undefined;
+  /** Stalled reads still open; each ends once the client cancels it. */
+  readonly stalledReads = new Set<grpc.ServerWritableStream<unknown, unknown>>();
   private server: grpc.Server | undefined;
   url = '';
 
@@ -112,8 +116,14 @@ export class FakeUpstream {
           call.emit('error', notFound('missing'));
           return;
         }
-        for (let off = 0; off < data.byteLength; off += 256 * 1024) call.write({ data: data.subarray(off, off + 256 * 1024) });
-        call.end();
+        // A stalled upstream: sends the first `stallAfterBytes` of a large blob, then nothing, with the call left open.
+        const end = this.stallAfterBytes === undefined ? data.byteLength : Math.min(this.stallAfterBytes, data.byteLength);
+        for (let off = 0; off < end; off += 256 * 1024) call.write({ data: data.subarray(off, Math.min(end, off + 256 * 1024)) });
+        if (end === data.byteLength) call.end();
+        else {
+          this.stalledReads.add(call);
+          call.on('cancelled', () => this.stalledReads.delete(call));
+        }
       },
       write: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED }),
     };

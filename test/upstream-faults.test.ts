@@ -1,0 +1,37 @@
+/**
+ * Upstreams that misbehave without failing: a ByteStream read that sends part of a blob and then
+ * nothing, on a healthy connection. The sync must end with the reason, in bounded time.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { runCli, tempDir } from './helpers/mirror.js';
+
+const REF = `proj/stalled/${'d'.repeat(64)}`;
+
+test('a ByteStream read that stalls upstream ends the sync with its reason after the idle timeout, and leaves no temp file', { timeout: 120_000 }, async (t) => {
+  const up = new FakeUpstream('reference-storage');
+  const big = Buffer.alloc(3 << 20, 7);
+  up.refs.set(REF, up.addDirectory({ files: [{ name: 'big', digest: up.add(big) }, { name: 'small', digest: up.add('small\n') }] }));
+  up.stallAfterBytes = 1 << 20;
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+
+  const sync = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF, '--read-idle-timeout', '0.5']);
+  assert.equal(sync.code, 1, sync.stdout + sync.stderr);
+  assert.match(sync.stdout, /failed 1 \(of 1 names\)/);
+  assert.match(sync.stdout, new RegExp(`failed: ${REF}: ${up.url}: ByteStream.Read of [0-9a-f]{64}/${big.byteLength} stalled: no data for 0.5 s`));
+  // The client gave up on the stalled call rather than leaving it open (the test times out otherwise).
+  await Promise.all([...up.stalledReads].map((call) => (call.cancelled ? undefined : once(call, 'cancelled'))));
+  assert.deepEqual(await readdir(join(dir, 'tmp')), [], 'no temp file left behind');
+
+  // The upstream recovers: the next sync completes.
+  up.stallAfterBytes = undefined;
+  const again = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
+  assert.equal(again.code, 0, again.stdout + again.stderr);
+  assert.match(again.stdout, /mirrored 1/);
+});
