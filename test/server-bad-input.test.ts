@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdir } from 'node:fs/promises';
+import { readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
@@ -123,4 +123,27 @@ test('undecodable and oversized messages are INVALID_ARGUMENT', async (t) => {
     );
   await assert.rejects(raw(Buffer.from([0x12, 0xff, 0xff, 0xff, 0x0f, 0x01])), code(grpc.status.INVALID_ARGUMENT, /not a valid/));
   await assert.rejects(raw(Buffer.alloc(20 << 20)), code(grpc.status.INVALID_ARGUMENT, /over the limit/));
+});
+
+test('GetTree rooted at a blob too large to be a Directory is refused by its size, without reading it; other reads go on', async (t) => {
+  const dir = await tempDir(t);
+  const { clients: c, store } = await startMirror(t, dir);
+  const big = Buffer.alloc((16 << 20) + 1, 1);
+  const bigDigest = digestOf(big);
+  await store.write(bigDigest, big);
+  const small = Buffer.from('small blob\n');
+  const smallDigest = digestOf(small);
+  await store.write(smallDigest, small);
+  // Same size, other bytes: had GetTree read the blob, the store's rehash would drop it as corrupt.
+  await writeFile(join(dir, 'cas', 'objects', bigDigest.hash.slice(0, 2), bigDigest.hash.slice(2)), Buffer.alloc(big.byteLength, 2));
+  const tree = async (root: typeof bigDigest): Promise<void> => {
+    const stream = c.cas.getTree({ instanceName: '', rootDigest: toWire(root), pageSize: 0, pageToken: '', digestFunction: 0 }, new grpc.Metadata(), { deadline: Date.now() + 10_000 });
+    for await (const _page of stream) void _page;
+  };
+  const refusals = Array.from({ length: 4 }, () => assert.rejects(tree(bigDigest), code(grpc.status.INVALID_ARGUMENT, /is 16777217 bytes, more than a Directory may be/)));
+  const batch = call(c.cas, c.cas.batchReadBlobs, { instanceName: '', digests: [toWire(smallDigest)], digestFunction: 0 });
+  await Promise.all(refusals);
+  assert.deepEqual((await batch).responses[0]?.data, small);
+  const found = await call(c.cas, c.cas.findMissingBlobs, { instanceName: '', blobDigests: [toWire(bigDigest)], digestFunction: 0 });
+  assert.deepEqual(found.missingBlobDigests, [], 'the large blob was never read, so never found corrupt');
 });

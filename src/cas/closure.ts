@@ -18,6 +18,20 @@ export interface DirectoryChildren {
   readonly directories: Digest[];
 }
 
+/**
+ * The largest blob read as a Directory. BuildStream's largest real directories (thousands of
+ * entries) are around 1 MiB; a bound checked before reading keeps a blob of any other kind (a
+ * 1 GiB file named as a tree root, say) from being read into memory to be parsed.
+ */
+export const MAX_DIRECTORY_BYTES = 16 << 20;
+
+/** Throws INVALID_ARGUMENT, before anything is read, for a blob too large to be a Directory. */
+export function checkDirectorySize(digest: Digest): void {
+  if (digest.sizeBytes > MAX_DIRECTORY_BYTES) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is ${digest.sizeBytes} bytes, more than a Directory may be (${MAX_DIRECTORY_BYTES}): it is not a Directory`);
+  }
+}
+
 export function parseDirectory(data: Uint8Array, digest: Digest): DirectoryChildren {
   let dir: Directory;
   try {

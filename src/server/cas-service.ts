@@ -9,6 +9,7 @@ import {
 } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
+import { checkDirectorySize } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
@@ -21,6 +22,8 @@ const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
 /** Pages a GetTree may have queued for HTTP/2 at once. */
 const TREE_PAGES_IN_FLIGHT = 4;
+/** Directory bytes a GetTree reads at once: one reader-thread request, a few milliseconds of its time. */
+const TREE_READ_GROUP_BYTES = 4 << 20;
 
 /** REAPI ContentAddressableStorage, read side; BatchUpdateBlobs is refused. */
 export class CasService {
@@ -82,15 +85,17 @@ export class CasService {
   /**
    * Streams the tree breadth-first, `pageSize` directories (or ~2 MiB) per message, from the
    * position `start` in that order. Each message's next_page_token is the position to resume at.
-   * Subtrees missing from the store are left out, as REAPI allows.
+   * Subtrees missing from the store are left out, as REAPI allows. Each level is read in groups
+   * of at most TREE_READ_GROUP_BYTES, and no blob over MAX_DIRECTORY_BYTES is read at all, so
+   * one call holds little memory and never holds the reader thread long.
    */
   private async streamTree(root: Digest, start: number, pageSize: number, call: grpc.ServerWritableStream<unknown, { directories: Directory[]; nextPageToken: string }>): Promise<void> {
-    const rootData = await this.store.readBytes(root);
-    if (rootData === undefined) throw new MirrorError('BLOB_NOT_FOUND', `root directory ${digestKey(root)} is not in the mirror`);
+    checkDirectorySize(root);
+    if ((await this.store.findMissing([root])).length > 0) throw new MirrorError('BLOB_NOT_FOUND', `root directory ${digestKey(root)} is not in the mirror`);
     let position = 0;
     let page: Directory[] = [];
     let pageBytes = 0;
-    let level: { digest: Digest; data: Buffer }[] = [{ digest: root, data: rootData }];
+    let level: Digest[] = [root];
     const seen = new Set<string>([digestKey(root)]);
     const out = boundedWriter(call, TREE_PAGES_IN_FLIGHT);
     const flush = async (next: string): Promise<void> => {
@@ -100,33 +105,52 @@ export class CasService {
     };
     while (level.length > 0) {
       const nextLevel: Digest[] = [];
-      for (const { digest, data } of level) {
+      for (const group of groupBySize(level, TREE_READ_GROUP_BYTES)) {
         if (call.cancelled) return;
-        const dir = decodeDirectory(data, digest);
-        if (position >= start) {
-          if (page.length >= pageSize || (page.length > 0 && pageBytes + data.byteLength > TREE_PAGE_BYTES)) await flush(String(position));
-          page.push(dir);
-          pageBytes += data.byteLength;
-        }
-        position += 1;
-        for (const child of dir.directories) {
-          const d = fromWire(child.digest, `Directory ${digestKey(digest)} entry '${child.name}'`);
-          if (!seen.has(digestKey(d))) {
-            seen.add(digestKey(d));
-            nextLevel.push(d);
+        const loaded = await this.store.readManyBytes(group);
+        for (const [i, data] of loaded.entries()) {
+          const digest = group[i];
+          if (data instanceof MirrorError) throw data;
+          if (data === undefined || digest === undefined) continue;
+          const dir = decodeDirectory(data, digest);
+          if (position >= start) {
+            if (page.length >= pageSize || (page.length > 0 && pageBytes + data.byteLength > TREE_PAGE_BYTES)) await flush(String(position));
+            page.push(dir);
+            pageBytes += data.byteLength;
+          }
+          position += 1;
+          for (const child of dir.directories) {
+            const d = fromWire(child.digest, `Directory ${digestKey(digest)} entry '${child.name}'`);
+            if (!seen.has(digestKey(d))) {
+              checkDirectorySize(d);
+              seen.add(digestKey(d));
+              nextLevel.push(d);
+            }
           }
         }
       }
-      const loaded = await this.store.readManyBytes(nextLevel);
-      level = [];
-      loaded.forEach((data, i) => {
-        const digest = nextLevel[i];
-        if (data instanceof MirrorError) throw data;
-        if (data !== undefined && digest !== undefined) level.push({ digest, data });
-      });
+      level = nextLevel;
     }
     if (page.length > 0 || start >= position) await flush('');
   }
+}
+
+/** Splits digests, in order, into groups of at most `budget` bytes (a larger blob alone). */
+function groupBySize(digests: readonly Digest[], budget: number): Digest[][] {
+  const groups: Digest[][] = [];
+  let current: Digest[] = [];
+  let bytes = 0;
+  for (const d of digests) {
+    if (current.length > 0 && bytes + d.sizeBytes > budget) {
+      groups.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(d);
+    bytes += d.sizeBytes;
+  }
+  if (current.length > 0) groups.push(current);
+  return groups;
 }
 
 function decodeDirectory(data: Buffer, digest: Digest): Directory {
