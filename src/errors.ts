@@ -36,3 +36,36 @@ export function isMirrorError(err: unknown, code?: MirrorErrorCode): err is Mirr
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/** The errors of a `cause` chain, outermost first (bounded, in case a chain loops). */
+function causeChain(err: unknown): unknown[] {
+  const chain: unknown[] = [];
+  for (let e: unknown = err; e !== undefined && e !== null && chain.length < 16 && !chain.includes(e); e = (e as { cause?: unknown }).cause) {
+    chain.push(e);
+  }
+  return chain;
+}
+
+/**
+ * The message, followed by the root cause of its `cause` chain when that says something the
+ * message does not (LevelDB's "Database failed to open" hides "No space left on device").
+ */
+export function describeError(err: unknown): string {
+  const message = errorMessage(err);
+  const root = causeChain(err).at(-1);
+  const rootMessage = root === err ? '' : errorMessage(root);
+  return rootMessage === '' || message.includes(rootMessage) ? message : `${message} (cause: ${rootMessage})`;
+}
+
+/** errno codes that mean the machine refused: a full disk, permissions, a read-only or failing file system, file limits. */
+const ENVIRONMENT_ERRNOS = new Set(['ENOSPC', 'EDQUOT', 'EACCES', 'EPERM', 'EROFS', 'EIO', 'EMFILE', 'ENFILE', 'ENOMEM']);
+/** The same failures as LevelDB reports them: in messages, without errno codes. */
+const ENVIRONMENT_MESSAGES = /No space left on device|Disk quota exceeded|Permission denied|Operation not permitted|Read-only file system|Input\/output error|Too many open files/i;
+
+/** Whether an error comes from the environment (disk full, permission denied, …) rather than from input or a peer. */
+export function isEnvironmentFailure(err: unknown): boolean {
+  return causeChain(err).some((e) => {
+    const code = (e as { code?: unknown }).code;
+    return (typeof code === 'string' && ENVIRONMENT_ERRNOS.has(code)) || ENVIRONMENT_MESSAGES.test(errorMessage(e));
+  });
+}

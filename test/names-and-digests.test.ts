@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/digest.js';
 import { formatBytes } from '../src/cli/format.js';
+import { MirrorError, describeError, isEnvironmentFailure, isMirrorError } from '../src/errors.js';
 import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
 import { parseRefsText } from '../src/cli/refs-file.js';
-import { isMirrorError } from '../src/errors.js';
 import { parseUpstreamUrl } from '../src/remote/upstream.js';
 import { splitListen } from '../src/server/server.js';
 
@@ -86,6 +86,25 @@ test('sizes and rates are printed rounded', () => {
   assert.equal(formatBytes(0), '0 B');
   assert.equal(formatBytes(1536), '1.5 KiB');
   assert.equal(formatBytes(3 * 1024 ** 3), '3.0 GiB');
+});
+
+test('errors: the root cause of a chain is shown, and environment failures are told apart', () => {
+  // The shape of a store opened on a full disk: our error, LevelDB's, then its IO error.
+  const leveldb = Object.assign(new Error('Database failed to open'), { code: 'LEVEL_DATABASE_NOT_OPEN', cause: new Error('IO error: /data/index/LOG: No space left on device') });
+  const open = new MirrorError('CONFIG_INVALID', `cannot open the index in /data/index: ${leveldb.message}`, { cause: leveldb });
+  assert.equal(describeError(open), 'cannot open the index in /data/index: Database failed to open (cause: IO error: /data/index/LOG: No space left on device)');
+  assert.ok(isEnvironmentFailure(open));
+  const enospc = new MirrorError('UPSTREAM_ERROR', 'writing blob x failed', { cause: Object.assign(new Error('no space left on device, write'), { code: 'ENOSPC' }) });
+  assert.ok(isEnvironmentFailure(enospc));
+  assert.ok(isEnvironmentFailure(Object.assign(new Error('open x'), { code: 'EACCES' })));
+  // A message that already says its cause is not repeated; input and peer errors are not environment failures.
+  const plain = new MirrorError('CONFIG_INVALID', 'cannot read refs file x: ENOENT: no such file', { cause: new Error('ENOENT: no such file') });
+  assert.equal(describeError(plain), 'cannot read refs file x: ENOENT: no such file');
+  assert.ok(!isEnvironmentFailure(plain));
+  assert.ok(!isEnvironmentFailure(new MirrorError('UPSTREAM_UNAVAILABLE', 'http://x: GetCapabilities failed (UNAVAILABLE)')));
+  const loop: { message: string; cause?: unknown } = new Error('loop');
+  loop.cause = loop;
+  assert.equal(describeError(loop), 'loop');
 });
 
 test('refs files allow comments and blank lines', () => {

@@ -108,6 +108,10 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
     assert.equal(badPem.code, 2, badPem.stderr);
     assert.match(badPem.stderr, new RegExp(what));
   }
+  // The environment refusing (sysfs refuses mkdir, even to root) is exit 3, with the system's own words.
+  const refused = await runCli(['verify', '--dir', '/sys/bst-cache-mirror-test/store']);
+  assert.equal(refused.code, 3, refused.stderr);
+  assert.match(refused.stderr, /cannot create the data directory \/sys\/bst-cache-mirror-test\/store: EPERM: operation not permitted/);
   const badPair = await runCli(['sync', '--dir', dir, '--upstream', 'index=http://127.0.0.1:1', '--ref', REF]);
   assert.equal(badPair.code, 2);
   assert.match(badPair.stderr, /an index\/storage pair needs both index=URL and storage=URL/);

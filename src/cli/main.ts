@@ -6,7 +6,7 @@ import { hideBin } from 'yargs/helpers';
 import { DEFAULT_RECHECK_AFTER_MS, DiskContentStore } from '../cas/disk-store.js';
 import { verifyStore } from '../cas/verify.js';
 import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
-import { MirrorError, errorMessage } from '../errors.js';
+import { MirrorError, describeError, errorMessage, isEnvironmentFailure } from '../errors.js';
 import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
 import { type LogLevel, createLogger } from '../log.js';
 import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
@@ -20,8 +20,12 @@ v8.setFlagsFromString('--no-incremental-marking');
 
 const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
-/** Exit codes: 0 success, 1 the job ran but something failed (names, bad blobs), 2 usage or configuration. */
+/**
+ * Exit codes: 0 success, 1 the job ran but something failed (names, bad blobs), 2 usage or
+ * configuration, 3 the environment refused (disk full, permission denied, read-only file system).
+ */
 const EXIT_USAGE = 2;
+const EXIT_ENVIRONMENT = 3;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 async function main(argv: string[]): Promise<number> {
@@ -170,7 +174,8 @@ main(hideBin(process.argv)).then(
     process.exitCode = code;
   },
   (err: unknown) => {
-    process.stderr.write(`bst-cache-mirror: ${errorMessage(err)}\n`);
-    process.exitCode = err instanceof MirrorError && err.code !== 'CONFIG_INVALID' && err.code !== 'STORE_LOCKED' ? 1 : EXIT_USAGE;
+    process.stderr.write(`bst-cache-mirror: ${describeError(err)}\n`);
+    if (isEnvironmentFailure(err)) process.exitCode = EXIT_ENVIRONMENT;
+    else process.exitCode = err instanceof MirrorError && err.code !== 'CONFIG_INVALID' && err.code !== 'STORE_LOCKED' ? 1 : EXIT_USAGE;
   },
 );
