@@ -5,10 +5,13 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { readdir } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
+import { createServer as createTlsServer } from 'node:tls';
 import { test } from 'node:test';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { runCli, tempDir } from './helpers/mirror.js';
+import { makeCertificate } from './helpers/tls.js';
 
 const REF = `proj/stalled/${'d'.repeat(64)}`;
 
@@ -34,4 +37,18 @@ test('a ByteStream read that stalls upstream ends the sync with its reason after
   const again = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
   assert.equal(again.code, 0, again.stdout + again.stderr);
   assert.match(again.stdout, /mirrored 1/);
+});
+
+test('an http:// upstream that speaks TLS is reported as such, not as a failed connection', { timeout: 60_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const { cert, key } = await makeCertificate(dir);
+  const server = createTlsServer({ cert, key, ALPNProtocols: ['h2'] }, (socket) => socket.end());
+  server.on('tlsClientError', () => undefined);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const { port } = server.address() as AddressInfo;
+
+  const sync = await runCli(['sync', '--dir', join(dir, 'mirror'), '--upstream', `http://127.0.0.1:${port}`, '--ref', REF]);
+  assert.equal(sync.code, 1, sync.stdout + sync.stderr);
+  assert.match(sync.stdout, new RegExp(`failed: ${REF}: http://127.0.0.1:${port} speaks TLS: use https://127.0.0.1:${port} \\(with --server-cert`));
 });

@@ -1,5 +1,6 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
+import { connect as connectTls } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { FetchClient } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
 import {
@@ -24,6 +25,7 @@ export interface EndpointSpec {
 }
 
 const UNARY_TIMEOUT_MS = 60_000;
+const TLS_PROBE_TIMEOUT_MS = 5_000;
 /**
  * HTTP/2 receive window for upstream connections and each of their streams: enough for line rate
  * on a LAN, and a bound on the data buffered per stream (a 2 GiB blob syncs in under 200 MiB RSS).
@@ -123,6 +125,28 @@ export class Endpoint {
         else resolve(res);
       });
     });
+  }
+
+  /**
+   * Whether this plaintext endpoint's port answers a TLS handshake: gRPC only reports a failed
+   * connection when an http:// URL names a TLS server, so the cause is checked for explicitly.
+   */
+  async speaksTls(): Promise<boolean> {
+    const { target, tls } = parseUpstreamUrl(this.url);
+    if (tls) return false;
+    const colon = target.lastIndexOf(':');
+    const socket = connectTls({ host: target.slice(0, colon).replace(/^\[|\]$/g, ''), port: Number(target.slice(colon + 1)), rejectUnauthorized: false, ALPNProtocols: ['h2'] });
+    socket.setTimeout(TLS_PROBE_TIMEOUT_MS);
+    try {
+      return await new Promise<boolean>((resolve) => {
+        socket.once('secureConnect', () => resolve(true));
+        socket.once('error', () => resolve(false));
+        socket.once('timeout', () => resolve(false));
+        socket.once('close', () => resolve(false));
+      });
+    } finally {
+      socket.destroy();
+    }
   }
 
   /** Upstream failures never travel on as they are: they name the upstream and say what failed. */

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { MirrorName } from '../cas/names.js';
 import { isDirectoryName } from '../cas/names.js';
 import { type Digest, digestKey, fromWire, readResourceName, toWire } from '../cas/digest.js';
-import { MirrorError } from '../errors.js';
+import { MirrorError, isMirrorError } from '../errors.js';
 import { Endpoint, type EndpointSpec, grpcCode } from './endpoint.js';
 
 export { grpcCode, parseUpstreamUrl } from './endpoint.js';
@@ -99,8 +99,19 @@ export class GrpcUpstream implements Upstream {
   }
 
   private async detect(): Promise<UpstreamInfo> {
-    const [maxBatchBytes, dialect] = await Promise.all([this.batchLimit(), this.probeDialect()]);
-    return { dialect, maxBatchBytes };
+    try {
+      const [maxBatchBytes, dialect] = await Promise.all([this.batchLimit(), this.probeDialect()]);
+      return { dialect, maxBatchBytes };
+    } catch (err) {
+      if (!isMirrorError(err, 'UPSTREAM_UNAVAILABLE')) throw err;
+      for (const endpoint of new Set([this.index, this.storage])) {
+        if (await endpoint.speaksTls()) {
+          const https = endpoint.url.replace(/^http:/, 'https:');
+          throw new MirrorError('CONFIG_INVALID', `${endpoint.url} speaks TLS: use ${https} (with --server-cert if its certificate is not signed by a system CA)`, { cause: err });
+        }
+      }
+      throw err;
+    }
   }
 
   /** The storage server's advertised batch limit; BuildStream tolerates servers without Capabilities, so do we. */
