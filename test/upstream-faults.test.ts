@@ -3,6 +3,7 @@
  * nothing, on a healthy connection. The sync must end with the reason, in bounded time.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { readdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
@@ -30,13 +31,16 @@ test('a ByteStream read that stalls upstream ends the sync with its reason after
   assert.match(sync.stdout, new RegExp(`failed: ${REF}: ${up.url}: ByteStream.Read of [0-9a-f]{64}/${big.byteLength} stalled: no data for 0.5 s`));
   // The client gave up on the stalled call rather than leaving it open (the test times out otherwise).
   await Promise.all([...up.stalledReads].map((call) => (call.cancelled ? undefined : once(call, 'cancelled'))));
-  assert.deepEqual(await readdir(join(dir, 'tmp')), [], 'no temp file left behind');
+  // No temp file left behind; the 1 MiB received is kept as a partial download, resumed next time.
+  assert.deepEqual(await readdir(join(dir, 'tmp')), [`partial-${createHash('sha256').update(big).digest('hex')}-${big.byteLength}`]);
 
   // The upstream recovers: the next sync completes.
   up.stallAfterBytes = undefined;
   const again = await runCli(['sync', '--dir', dir, '--upstream', up.url, '--ref', REF]);
   assert.equal(again.code, 0, again.stdout + again.stderr);
   assert.match(again.stdout, /mirrored 1/);
+  assert.deepEqual(up.readOffsets, [0, 1 << 20]);
+  assert.deepEqual(await readdir(join(dir, 'tmp')), []);
 });
 
 test('an http:// upstream that speaks TLS is reported as such, not as a failed connection', { timeout: 60_000 }, async (t) => {

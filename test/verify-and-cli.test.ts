@@ -109,7 +109,8 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
     assert.match(badPem.stderr, new RegExp(what));
   }
   // The environment refusing (sysfs refuses mkdir, even to root) is exit 3, with the system's own words.
-  const refused = await runCli(['verify', '--dir', '/sys/bst-cache-mirror-test/store']);
+  // (sync, not verify: verify never creates a store.)
+  const refused = await runCli(['sync', '--dir', '/sys/bst-cache-mirror-test/store', '--upstream', 'http://127.0.0.1:1', '--ref', REF]);
   assert.equal(refused.code, 3, refused.stderr);
   assert.match(refused.stderr, /cannot create the data directory \/sys\/bst-cache-mirror-test\/store: EPERM: operation not permitted/);
   const badPair = await runCli(['sync', '--dir', dir, '--upstream', 'index=http://127.0.0.1:1', '--ref', REF]);

@@ -16,34 +16,42 @@ export interface BlobFile {
 
 export interface WriteRequest {
   readonly blobs: readonly BlobFile[];
+  /**
+   * true: one blob that does not match its digest fails the whole batch (nothing is written).
+   * false: the blobs that match are written, the others skipped and reported.
+   */
+  readonly allOrNothing: boolean;
 }
 
-/** `mismatch` carries the message of a blob whose content does not match its digest. */
+/** The blobs (by index in the request) whose content does not match their digest, with why. */
 export interface WriteReply {
-  readonly mismatch?: string;
+  readonly mismatches: readonly { readonly index: number; readonly message: string }[];
 }
 
 /**
- * Checks every blob's size and SHA-256 first, then writes each to its temp file and fdatasyncs
- * it, and only when all are written renames them into place; on failure it removes its temp
- * files. The caller indexes the batch only on success, so a batch becomes visible whole or not
- * at all (a rename failing midway leaves verified, unindexed files, which `verify --repair`
- * re-indexes).
+ * Checks every blob's size and SHA-256 first, then writes each sound one to its temp file and
+ * fdatasyncs it, and only when all are written renames them into place; on failure it removes
+ * its temp files. The caller indexes what was written only on success, so the batch becomes
+ * visible whole or not at all (a rename failing midway leaves verified, unindexed files, which
+ * `verify --repair` re-indexes).
  */
 export function blobWriterProgram(): (request: WriteRequest) => WorkerAnswer<WriteReply> {
   const { createHash } = require('node:crypto') as typeof import('node:crypto');
   const fs = require('node:fs') as typeof import('node:fs');
   const path = require('node:path') as typeof import('node:path');
   const madeDirs = new Set<string>();
-  return ({ blobs }) => {
-    for (const blob of blobs) {
+  return ({ blobs: all, allOrNothing }) => {
+    const mismatches: { index: number; message: string }[] = [];
+    const blobs = all.filter((blob, index) => {
       const problem =
         blob.data.byteLength !== blob.size ? `${blob.data.byteLength} bytes were sent` : (() => {
           const actual = createHash('sha256').update(blob.data).digest('hex');
           return actual === blob.hash ? undefined : `the content hashes to ${actual}`;
         })();
-      if (problem !== undefined) return { reply: { mismatch: `content does not match digest ${blob.hash}/${blob.size}: ${problem}` } };
-    }
+      if (problem !== undefined) mismatches.push({ index, message: `content does not match digest ${blob.hash}/${blob.size}: ${problem}` });
+      return problem === undefined;
+    });
+    if (allOrNothing && mismatches.length > 0) return { reply: { mismatches: mismatches.slice(0, 1) } };
     const written: string[] = [];
     try {
       for (const blob of blobs) {
@@ -68,7 +76,7 @@ export function blobWriterProgram(): (request: WriteRequest) => WorkerAnswer<Wri
       for (const tmp of written) fs.rmSync(tmp, { force: true });
       throw err;
     }
-    return { reply: {} };
+    return { reply: { mismatches } };
   };
 }
 

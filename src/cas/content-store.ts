@@ -23,6 +23,14 @@ export interface BlobReader {
   chunks(chunkBytes: number, headroom?: number): AsyncIterable<Buffer>;
 }
 
+/** A blob's bytes from byte `offset` on, as an upstream streams them. */
+export type FetchFrom = (offset: number) => AsyncIterable<Uint8Array>;
+
+export interface ResumableWrite {
+  /** Bytes that were already there from an interrupted earlier download (not fetched again). */
+  readonly resumedBytes: number;
+}
+
 /** Where a name came from and what it needs. */
 export interface NameRecord {
   /** What the name points to: a Directory (refs, single sources) or a blob (Artifact/Source proto). */
@@ -62,6 +70,20 @@ export interface ContentStore {
   write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void>;
   /** Stores several small blobs with one index update; each is verified as by write(). */
   writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void>;
+  /**
+   * Like writeMany, but a blob that does not match its digest does not stop the others: every
+   * sound blob is stored, and each entry of the result is undefined (stored) or that blob's
+   * MirrorError('DIGEST_MISMATCH'). Other failures (disk full) throw, storing none of the batch.
+   */
+  writeEach(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<(MirrorError | undefined)[]>;
+  /**
+   * Stores a large blob that `fetch(offset)` streams from byte `offset`. If an earlier call for
+   * this blob was interrupted (a failure, or the process killed), the bytes it received are kept
+   * and `fetch` is asked only for the rest; the whole content is verified at the end (and fetched
+   * again from zero once if it does not match). Throws MirrorError('DIGEST_MISMATCH') and keeps
+   * nothing if the content is wrong; any other failure keeps what was received for the next call.
+   */
+  writeResumable(digest: Digest, fetch: FetchFrom): Promise<ResumableWrite>;
 
   /**
    * True when blobs were removed as damaged (bit rot, lost files) since the last repair or

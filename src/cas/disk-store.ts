@@ -1,37 +1,17 @@
-import { createHash, randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
-import { Level } from 'level';
 import type { Logger } from 'pino';
-import { MirrorError, errorMessage } from '../errors.js';
-import { type BlobFile, type ReadFile, type ReadReply, type ReadRequest, type WriteReply, type WriteRequest, blobReaderProgram, blobWriterProgram } from './blob-io.js';
-import { IoWorker } from './io-worker.js';
-import type { BlobReader, ByteRange, ContentStore, NameRecord } from './content-store.js';
-import { type Digest, digestKey, isEmptyDigest, parseDigestKey } from './digest.js';
+import { MirrorError } from '../errors.js';
+import type { ReadFile } from './blob-io.js';
+import type { BlobReader, ByteRange, ContentStore, FetchFrom, NameRecord, ResumableWrite } from './content-store.js';
+import { type Digest, EMPTY_DIGEST, digestKey, isEmptyDigest } from './digest.js';
+import { type ChunkHooks, StoreFiles, type TempFile, mismatch } from './store-files.js';
+import { type BlobEntry, StoreIndex } from './store-index.js';
 
-/** How a name record is kept in LevelDB (digests as `hash/size` strings). */
-interface StoredName {
-  type: 'directory' | 'blob';
-  digest: string;
-  blobs: string[];
-  directories: string[];
-  upstream: string;
-  fetchedAt: number;
-}
+export type { BlobEntry } from './store-index.js';
+export type { TempFile } from './store-files.js';
 
-/** A blob's index entry: its size and the last time (unix seconds) it was written or read. */
-export interface BlobEntry {
-  readonly hash: string;
-  readonly sizeBytes: number;
-  readonly lastAccess: number;
-}
-
-const TOUCH_FLUSH_MS = 30_000;
 /** Most files and bytes one request to the reader thread asks for (see readManyBytes). */
 const READ_REQUEST_FILES = 1024;
 const READ_REQUEST_BYTES = 4 << 20;
-/** Keys per parallel index lookup in findMissing. */
-const LOOKUP_GROUP = 2500;
 /** How long a blob hashed by this process is trusted before a read hashes it again (see open()). */
 export const DEFAULT_RECHECK_AFTER_MS = 24 * 3600 * 1000;
 /** Bounds the memory of the checked-blob table (about 150 bytes an entry). */
@@ -49,172 +29,105 @@ export interface DiskStoreOptions {
    * read after start or after this interval (and `verify` checks everything).
    */
   readonly recheckAfterMs?: number;
+  /**
+   * Create the store when `dir` holds none (the default). `verify` opens with false: it requires
+   * an existing store and, without --repair, must change nothing.
+   */
+  readonly create?: boolean;
+  /**
+   * Remove temp files a crash left in `<dir>/tmp` (partial downloads are kept, to be resumed).
+   * Only the process holding the store writes there, so at open every temp file is stale; `sync`
+   * removes them. `serve` never writes blobs and leaves them; `verify` reports them, and removes
+   * them with --repair.
+   */
+  readonly removeStaleTemp?: boolean;
 }
-const TOUCH_FLUSH_COUNT = 10_000;
 
 /**
- * The mirror's store: blobs as files under `<dir>/cas/objects/<2 hex>/<62 hex>` (the layout
- * BuildStream's own caches use) and a LevelDB index under `<dir>/index` that records which blobs
- * are complete and which names exist. A blob is visible only once it is in the index, and it is
- * put there only after its file was verified, fsynced and renamed into place.
+ * The mirror's store, the one ContentStore: blob files (StoreFiles: objects, temp area, worker
+ * threads) and their LevelDB index (StoreIndex: complete blobs, names, damage), tied together by
+ * the rule that a blob is visible only once it is in the index, and it is put there only after
+ * its file was verified, fsynced and renamed into place. It also decides when a read rehashes.
  */
 export class DiskContentStore implements ContentStore {
   readonly dir: string;
-  private readonly db: Level<string, string>;
-  private readonly blobs;
-  private readonly nameIndex;
-  /** Blobs removed as damaged since the last repair: hash -> why. See hasDamagedBlobs(). */
-  private readonly damaged;
-  private damagedCount = 0;
-  private readonly log: Logger;
-  private readonly tmpDir: string;
-  private readonly objectsDir: string;
-  private readonly createdDirs = new Set<string>();
-  /** Last-access updates not yet written: hash -> size. Batched so reads cost no index write. */
-  private pendingTouches = new Map<string, number>();
-  private touchTimer: NodeJS.Timeout | undefined;
+  private readonly files: StoreFiles;
+  private readonly storeIndex: StoreIndex;
   /** hash -> when this process last hashed it (written or checked on read); oldest first. */
   private readonly checkedAt = new Map<string, number>();
   private readonly recheckAfterMs: number;
-  private readonly writer = new IoWorker<WriteRequest, WriteReply>('blob writer', blobWriterProgram);
-  private readonly reader = new IoWorker<ReadRequest, ReadReply>('blob reader', blobReaderProgram);
+  /** Writes under way; close() waits for them, so no write outlives the store. */
+  private readonly writes = new Set<Promise<unknown>>();
+  /** Resumable writes under way, by hash: a second one for the same blob waits for the first. */
+  private readonly resumable = new Map<string, Promise<unknown>>();
+  private closing = false;
 
-  private constructor(dir: string, db: Level<string, string>, log: Logger, options: DiskStoreOptions) {
-    this.dir = dir;
-    this.db = db;
-    this.blobs = db.sublevel<string, string>('blobs', { valueEncoding: 'utf8' });
-    this.nameIndex = db.sublevel<string, StoredName>('names', { valueEncoding: 'json' });
-    this.damaged = db.sublevel<string, string>('damaged', { valueEncoding: 'utf8' });
-    this.log = log;
-    this.tmpDir = join(dir, 'tmp');
-    this.objectsDir = join(dir, 'cas', 'objects');
+  private constructor(files: StoreFiles, index: StoreIndex, options: DiskStoreOptions) {
+    this.dir = files.dir;
+    this.files = files;
+    this.storeIndex = index;
     this.recheckAfterMs = options.recheckAfterMs ?? DEFAULT_RECHECK_AFTER_MS;
   }
 
-  /** Opens (creating if needed) the store in `dir`. Only one process may have a store open. */
+  /** Opens the store in `dir` (creating it unless `create: false`). Only one process may have a store open. */
   static async open(dir: string, log: Logger, options: DiskStoreOptions = {}): Promise<DiskContentStore> {
+    const create = options.create ?? true;
+    const files = new StoreFiles(dir, log);
+    if (create) await files.create();
+    const index = await StoreIndex.open(dir, log, create);
     try {
-      await mkdir(join(dir, 'cas', 'objects'), { recursive: true });
+      if (options.removeStaleTemp) await files.removeStaleTemp();
     } catch (err) {
-      throw new MirrorError('CONFIG_INVALID', `cannot create the data directory ${dir}: ${errorMessage(err)}`, { cause: err });
+      await index.close();
+      throw err;
     }
-    const db = new Level<string, string>(join(dir, 'index'), { valueEncoding: 'utf8' });
-    try {
-      await db.open();
-    } catch (err) {
-      if (isLockedError(err)) {
-        throw new MirrorError('STORE_LOCKED', `the store in ${dir} is in use by another bst-cache-mirror process (its LevelDB index is locked)`, { cause: err });
-      }
-      throw new MirrorError('CONFIG_INVALID', `cannot open the index in ${join(dir, 'index')}: ${errorMessage(err)}`, { cause: err });
-    }
-    const store = new DiskContentStore(dir, db, log, options);
-    for await (const _ of store.damaged.keys()) store.damagedCount += 1;
-    // Only the index holder writes temp files, so anything left there is from a crash.
-    await rm(store.tmpDir, { recursive: true, force: true });
-    await mkdir(store.tmpDir, { recursive: true });
-    return store;
+    return new DiskContentStore(files, index, options);
   }
 
+  /** Waits for every write under way to finish, then closes the index and the worker threads. */
   async close(): Promise<void> {
-    if (this.touchTimer) clearTimeout(this.touchTimer);
-    this.touchTimer = undefined;
-    await this.flushTouches();
-    await Promise.all([this.writer.close(), this.reader.close()]);
-    await this.db.close();
+    this.closing = true;
+    while (this.writes.size > 0) await Promise.allSettled([...this.writes]);
+    await this.files.close();
+    await this.storeIndex.close();
   }
 
   objectPath(digest: Digest): string {
-    return join(this.objectsDir, digest.hash.slice(0, 2), digest.hash.slice(2));
+    return this.files.objectPath(digest);
   }
 
-  async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
-    if (digests.length === 0) return [];
-    // LevelDB answers a getMany on one pool thread; a few smaller ones in parallel answer sooner
-    // (10,000 keys against 1,000,000: ~27 ms as one call, ~19 ms as four).
-    const keys = digests.map((d) => d.hash);
-    const groups: Promise<(string | undefined)[]>[] = [];
-    for (let i = 0; i < keys.length; i += LOOKUP_GROUP) groups.push(this.blobs.getMany(keys.slice(i, i + LOOKUP_GROUP)));
-    const sizes = (await Promise.all(groups)).flat();
-    const missing: Digest[] = [];
-    digests.forEach((d, i) => {
-      if (isEmptyDigest(d)) return;
-      const entry = sizes[i];
-      if (entry === undefined || entrySize(entry) !== d.sizeBytes) missing.push(d);
-    });
-    return missing;
-  }
-
-  private async isIndexed(digest: Digest): Promise<boolean> {
-    const entry = await this.blobs.get(digest.hash);
-    return entry !== undefined && entrySize(entry) === digest.sizeBytes;
+  findMissing(digests: readonly Digest[]): Promise<Digest[]> {
+    return this.storeIndex.findMissing(digests);
   }
 
   async read(digest: Digest, range: ByteRange = { offset: 0 }): Promise<BlobReader | undefined> {
     if (isEmptyDigest(digest)) return { length: 0, chunks: emptyChunks };
-    if (!(await this.isIndexed(digest))) return undefined;
-    const path = this.objectPath(digest);
-    let size: number;
-    try {
-      size = (await stat(path)).size;
-    } catch (err) {
-      if (isErrno(err, 'ENOENT')) {
-        await this.forget(digest, 'its object file is missing');
-        return undefined;
-      }
-      throw err;
+    if (!(await this.storeIndex.isIndexed(digest))) return undefined;
+    const size = await this.files.objectSize(digest);
+    if (size === undefined) {
+      await this.forget(digest, 'its object file is missing');
+      return undefined;
     }
     if (size !== digest.sizeBytes) {
       await this.forget(digest, `its object file has ${size} bytes instead of ${digest.sizeBytes}`);
       return undefined;
     }
-    this.touch(digest);
+    this.storeIndex.touch(digest);
     const start = range.offset;
     const end = range.limit === undefined ? digest.sizeBytes : Math.min(digest.sizeBytes, start + range.limit);
     if (end <= start) return { length: 0, chunks: emptyChunks };
     // Only a whole-blob read can be checked against the digest as it streams.
     const check = start === 0 && end === digest.sizeBytes && this.isDueCheck(digest);
+    const hooks: ChunkHooks = {
+      // Removed since read() looked (another reader found it damaged): a miss, not a failure.
+      gone: () => new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is no longer in the mirror`),
+      damaged: (why) => this.corrupt(digest, why),
+      verified: () => this.markChecked(digest.hash),
+    };
     return {
       length: end - start,
-      chunks: (chunkBytes, headroom = 0) => this.readChunks(digest, path, start, end, check, chunkBytes, headroom),
+      chunks: (chunkBytes, headroom = 0) => this.files.chunks(digest, start, end, check, chunkBytes, headroom, hooks),
     };
-  }
-
-  private async *readChunks(digest: Digest, path: string, start: number, end: number, check: boolean, chunkBytes: number, headroom: number): AsyncGenerator<Buffer> {
-    // Opened here rather than in read(), so a reader that is never iterated holds no file.
-    let fh;
-    try {
-      fh = await open(path, 'r');
-    } catch (err) {
-      // Removed since read() looked (another reader found it damaged): a miss, not a failure.
-      if (isErrno(err, 'ENOENT')) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is no longer in the mirror`);
-      throw err;
-    }
-    // read() checked the size; object files are only ever replaced by a verified copy, and a file
-    // that shrank since is caught below.
-    const hash = check ? createHash('sha256') : undefined;
-    try {
-      for (let pos = start; pos < end; ) {
-        const n = Math.min(chunkBytes, end - pos);
-        // A fresh buffer per chunk: the transport may still hold the previous one.
-        const chunk = Buffer.allocUnsafe(headroom + n);
-        for (let filled = 0; filled < n; ) {
-          const { bytesRead } = await fh.read(chunk, headroom + filled, n - filled, pos + filled);
-          if (bytesRead === 0) throw await this.corrupt(digest, 'its object file shrank while being read');
-          filled += bytesRead;
-        }
-        pos += n;
-        if (hash) {
-          hash.update(chunk.subarray(headroom));
-          if (pos === end) {
-            if (hash.digest('hex') !== digest.hash) throw await this.corrupt(digest, 'its content no longer matches its digest');
-            this.markChecked(digest.hash);
-          }
-        }
-        yield chunk;
-      }
-    } finally {
-      await fh.close();
-    }
   }
 
   /** Forgets a damaged blob and returns the error a reader gets for it. */
@@ -248,13 +161,12 @@ export class DiskContentStore implements ContentStore {
   }
 
   async readManyBytes(digests: readonly Digest[]): Promise<(Buffer | undefined | MirrorError)[]> {
-    const entries = await this.blobs.getMany(digests.map((d) => d.hash));
+    const sizes = await this.storeIndex.sizesOf(digests.map((d) => d.hash));
     const results: (Buffer | undefined | MirrorError)[] = digests.map(() => undefined);
     const toRead: { index: number; digest: Digest; file: ReadFile }[] = [];
     digests.forEach((digest, i) => {
-      const entry = entries[i];
       if (isEmptyDigest(digest)) results[i] = Buffer.alloc(0);
-      else if (entry !== undefined && entrySize(entry) === digest.sizeBytes) {
+      else if (sizes[i] === digest.sizeBytes) {
         const check = this.isDueCheck(digest);
         toRead.push({ index: i, digest, file: { path: this.objectPath(digest), size: digest.sizeBytes, ...(check ? { hash: digest.hash } : {}) } });
       }
@@ -268,7 +180,7 @@ export class DiskContentStore implements ContentStore {
       }
       const part = toRead.slice(start, end);
       start = end;
-      const { results: read, data } = await this.reader.request({ files: part.map((r) => r.file) });
+      const { results: read, data } = await this.files.readMany(part.map((r) => r.file));
       for (const [k, { index, digest, file }] of part.entries()) {
         const r = read[k];
         if (r === undefined || r.status === 'missing') {
@@ -277,7 +189,7 @@ export class DiskContentStore implements ContentStore {
           results[index] = await this.corrupt(digest, r.why);
         } else {
           if (file.hash !== undefined) this.markChecked(digest.hash);
-          this.touch(digest);
+          this.storeIndex.touch(digest);
           results[index] = Buffer.from(data, r.offset, digest.sizeBytes);
         }
       }
@@ -285,221 +197,152 @@ export class DiskContentStore implements ContentStore {
     return results;
   }
 
-  async write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void> {
-    if (isEmptyDigest(digest)) {
-      if (data instanceof Uint8Array && data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
-      return;
-    }
-    const tmp = await this.writeTemp(digest, data instanceof Uint8Array ? [data] : data);
-    await this.commit([{ digest, tmp }]);
-  }
-
-  async writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void> {
-    const files: BlobFile[] = [];
-    for (const { digest, data } of blobs) {
+  write(digest: Digest, data: AsyncIterable<Uint8Array> | Uint8Array): Promise<void> {
+    return this.tracked(async () => {
       if (isEmptyDigest(digest)) {
+        if (data instanceof Uint8Array && data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
+        return;
+      }
+      const tmp = await this.files.writeTemp(digest, data instanceof Uint8Array ? [data] : data);
+      await this.files.commit([{ digest, tmp }]);
+      await this.record([digest]);
+    });
+  }
+
+  writeMany(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<void> {
+    return this.tracked(async () => {
+      const files = blobs.filter(({ digest, data }) => {
+        if (!isEmptyDigest(digest)) return true;
         if (data.byteLength !== 0) throw mismatch(digest, 'data was given for the empty blob');
-        continue;
-      }
-      files.push({ hash: digest.hash, size: digest.sizeBytes, data, tmp: join(this.tmpDir, randomUUID()), path: this.objectPath(digest) });
-    }
-    if (files.length === 0) return;
-    const { mismatch: problem } = await this.writer.request({ blobs: files });
-    if (problem !== undefined) throw new MirrorError('DIGEST_MISMATCH', problem);
-    await this.record(files.map((f) => ({ hash: f.hash, sizeBytes: f.size })));
+        return false;
+      });
+      const { written, mismatches } = await this.files.writeSmall(files, true);
+      if (mismatches[0] !== undefined) throw new MirrorError('DIGEST_MISMATCH', mismatches[0].message);
+      await this.record(written);
+    });
   }
 
-  /** Streams data to a temp file, verifying size and SHA-256 and fsyncing; returns its path. */
-  private async writeTemp(digest: Digest, data: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<string> {
-    const tmp = join(this.tmpDir, randomUUID());
-    const fh = await open(tmp, 'wx', 0o644);
-    const hash = createHash('sha256');
-    let size = 0;
-    try {
+  writeEach(blobs: readonly { digest: Digest; data: Uint8Array }[]): Promise<(MirrorError | undefined)[]> {
+    return this.tracked(async () => {
+      const results: (MirrorError | undefined)[] = blobs.map(() => undefined);
+      const positions: number[] = [];
+      blobs.forEach(({ digest, data }, i) => {
+        if (!isEmptyDigest(digest)) positions.push(i);
+        else if (data.byteLength !== 0) results[i] = mismatch(digest, 'data was given for the empty blob');
+      });
+      const { written, mismatches } = await this.files.writeSmall(positions.map((i) => blobs[i] ?? { digest: EMPTY_DIGEST, data: new Uint8Array() }), false);
+      await this.record(written);
+      for (const m of mismatches) results[positions[m.index] ?? 0] = new MirrorError('DIGEST_MISMATCH', m.message);
+      return results;
+    });
+  }
+
+  writeResumable(digest: Digest, fetch: FetchFrom): Promise<ResumableWrite> {
+    return this.tracked(async () => {
+      if (isEmptyDigest(digest)) return { resumedBytes: 0 };
+      const previous = this.resumable.get(digest.hash);
+      const mine = (async () => {
+        if (previous) await previous.catch(() => undefined);
+        const result = await this.files.writePartial(digest, fetch);
+        await this.record([digest]);
+        return result;
+      })();
+      this.resumable.set(digest.hash, mine);
       try {
-        for await (const chunk of data) {
-          size += chunk.byteLength;
-          if (size > digest.sizeBytes) throw mismatch(digest, `more than ${digest.sizeBytes} bytes were sent`);
-          hash.update(chunk);
-          let off = 0;
-          while (off < chunk.byteLength) off += (await fh.write(chunk, off, chunk.byteLength - off)).bytesWritten;
-        }
-        if (size !== digest.sizeBytes) throw mismatch(digest, `${size} bytes were sent`);
-        const actual = hash.digest('hex');
-        if (actual !== digest.hash) throw mismatch(digest, `the content hashes to ${actual}`);
-        await fh.sync();
+        return await mine;
       } finally {
-        await fh.close();
+        if (this.resumable.get(digest.hash) === mine) this.resumable.delete(digest.hash);
       }
-    } catch (err) {
-      await unlink(tmp).catch(() => undefined);
-      throw err;
-    }
-    return tmp;
+    });
   }
 
-  /** Renames verified temp files into place, then records them in the index. */
-  private async commit(written: readonly { digest: Digest; tmp: string }[]): Promise<void> {
-    if (written.length === 0) return;
-    try {
-      for (const { digest } of written) {
-        const dir = join(this.objectsDir, digest.hash.slice(0, 2));
-        if (!this.createdDirs.has(dir)) {
-          await mkdir(dir, { recursive: true });
-          this.createdDirs.add(dir);
-        }
-      }
-      await Promise.all(written.map(({ digest, tmp }) => rename(tmp, this.objectPath(digest))));
-    } catch (err) {
-      await Promise.all(written.map((w) => unlink(w.tmp).catch(() => undefined)));
-      throw err;
-    }
-    await this.record(written.map((w) => w.digest));
+  /** Runs a write, registered so close() waits for it. */
+  private tracked<R>(run: () => Promise<R>): Promise<R> {
+    // A write after close() is a programmer mistake, not a MirrorError.
+    if (this.closing) return Promise.reject(new TypeError(`the store in ${this.dir} is closing: no new writes`));
+    const write = run();
+    this.writes.add(write);
+    const done = (): void => {
+      this.writes.delete(write);
+    };
+    write.then(done, done);
+    return write;
   }
 
   /** Records blobs whose files are in place (and were just hashed) in the index, in one batch. */
   private async record(digests: readonly Digest[]): Promise<void> {
     if (digests.length === 0) return;
     for (const digest of digests) this.markChecked(digest.hash);
-    const now = nowSeconds();
-    await this.blobs.batch(digests.map((digest) => ({ type: 'put' as const, key: digest.hash, value: `${digest.sizeBytes}:${now}` })));
-    if (this.damagedCount > 0) {
-      const healed = (await this.damaged.getMany(digests.map((d) => d.hash))).filter((v) => v !== undefined).length;
-      if (healed > 0) {
-        await this.damaged.batch(digests.map((digest) => ({ type: 'del' as const, key: digest.hash })));
-        this.damagedCount -= healed;
-      }
-    }
+    await this.storeIndex.record(digests);
   }
 
   /** Drops a blob from the index and deletes its file (used when it is found damaged). */
   async forget(digest: Digest, why: string): Promise<void> {
-    this.log.error({ digest: digestKey(digest) }, `stored blob removed: ${why}`);
-    this.pendingTouches.delete(digest.hash);
     this.checkedAt.delete(digest.hash);
-    if ((await this.damaged.get(digest.hash)) === undefined) this.damagedCount += 1;
-    await this.db.batch([
-      { type: 'del', key: digest.hash, sublevel: this.blobs },
-      { type: 'put', key: digest.hash, value: why, sublevel: this.damaged },
-    ]);
-    await unlink(this.objectPath(digest)).catch(() => undefined);
+    await this.storeIndex.forget(digest, why);
+    await this.files.removeObject(digest);
+  }
+
+  /**
+   * Deletes sound blobs no name needs (verify --prune): out of the index first, then their
+   * files, so an interruption leaves valid unindexed files, never an index entry without a file.
+   */
+  async removeBlobs(digests: readonly Digest[]): Promise<void> {
+    for (const d of digests) this.checkedAt.delete(d.hash);
+    await this.storeIndex.remove(digests.map((d) => d.hash));
+    for (const d of digests) await this.files.removeObject(d);
   }
 
   hasDamagedBlobs(): boolean {
-    return this.damagedCount > 0;
+    return this.storeIndex.hasDamagedBlobs();
   }
 
   /** Called by verify --repair once no remaining name needs a removed blob. */
   async clearDamage(): Promise<void> {
-    await this.damaged.clear();
-    this.damagedCount = 0;
+    await this.storeIndex.clearDamage();
   }
 
   /** Records a blob that is already in place (used by verify to re-index orphaned objects). */
   async index(digest: Digest): Promise<void> {
-    await this.blobs.put(digest.hash, `${digest.sizeBytes}:${nowSeconds()}`);
+    await this.storeIndex.put(digest);
   }
 
-  async *blobEntries(): AsyncIterable<BlobEntry> {
-    for await (const [hash, value] of this.blobs.iterator()) {
-      const [size = '0', atime = '0'] = value.split(':');
-      yield { hash, sizeBytes: Number(size), lastAccess: Number(atime) };
-    }
+  /** The indexed size of each hash, or undefined where it is not indexed. */
+  indexedSizes(hashes: readonly string[]): Promise<(number | undefined)[]> {
+    return this.storeIndex.sizesOf(hashes);
   }
 
-  /** Every object file on disk, as digests of its name and actual size. */
-  async *objectFiles(): AsyncIterable<{ hash: string; path: string }> {
-    let prefixes: string[];
-    try {
-      prefixes = await readdir(this.objectsDir);
-    } catch {
-      return;
-    }
-    for (const prefix of prefixes.sort()) {
-      if (!/^[0-9a-f]{2}$/.test(prefix)) continue;
-      for (const rest of (await readdir(join(this.objectsDir, prefix))).sort()) {
-        yield { hash: prefix + rest, path: join(this.objectsDir, prefix, rest) };
-      }
-    }
+  blobEntries(): AsyncIterable<BlobEntry> {
+    return this.storeIndex.blobEntries();
   }
 
-  async getName(urn: string): Promise<NameRecord | undefined> {
-    const stored = await this.nameIndex.get(urn);
-    return stored === undefined ? undefined : fromStoredName(stored);
+  /** Every object file on disk: its name as a hash, and its path. */
+  objectFiles(): AsyncIterable<{ hash: string; path: string }> {
+    return this.files.objectFiles();
   }
 
-  async putName(urn: string, record: NameRecord): Promise<void> {
-    await this.nameIndex.put(urn, {
-      type: record.type,
-      digest: digestKey(record.digest),
-      blobs: record.referencedBlobs.map(digestKey),
-      directories: record.referencedDirectories.map(digestKey),
-      upstream: record.upstream,
-      fetchedAt: record.fetchedAt,
-    });
+  /** What `<dir>/tmp` holds: stale temp files and partial downloads. */
+  tempFiles(): Promise<TempFile[]> {
+    return this.files.tempFiles();
   }
 
-  async deleteName(urn: string): Promise<void> {
-    await this.nameIndex.del(urn);
+  removeTemp(file: TempFile): Promise<void> {
+    return this.files.removeTemp(file);
   }
 
-  async *names(): AsyncIterable<[string, NameRecord]> {
-    for await (const [urn, stored] of this.nameIndex.iterator()) yield [urn, fromStoredName(stored)];
+  getName(urn: string): Promise<NameRecord | undefined> {
+    return this.storeIndex.getName(urn);
   }
 
-  private touch(digest: Digest): void {
-    this.pendingTouches.set(digest.hash, digest.sizeBytes);
-    if (this.pendingTouches.size >= TOUCH_FLUSH_COUNT) {
-      void this.flushTouches().catch((err: unknown) => this.log.warn({ err }, 'could not record last access times'));
-    } else if (!this.touchTimer) {
-      this.touchTimer = setTimeout(() => {
-        this.touchTimer = undefined;
-        void this.flushTouches().catch((err: unknown) => this.log.warn({ err }, 'could not record last access times'));
-      }, TOUCH_FLUSH_MS);
-      this.touchTimer.unref();
-    }
+  putName(urn: string, record: NameRecord): Promise<void> {
+    return this.storeIndex.putName(urn, record);
   }
 
-  private async flushTouches(): Promise<void> {
-    if (this.pendingTouches.size === 0) return;
-    const touches = this.pendingTouches;
-    this.pendingTouches = new Map();
-    const now = nowSeconds();
-    await this.blobs.batch([...touches].map(([hash, size]) => ({ type: 'put' as const, key: hash, value: `${size}:${now}` })));
+  deleteName(urn: string): Promise<void> {
+    return this.storeIndex.deleteName(urn);
   }
-}
 
-function fromStoredName(s: StoredName): NameRecord {
-  return {
-    type: s.type,
-    digest: parseDigestKey(s.digest),
-    referencedBlobs: s.blobs.map(parseDigestKey),
-    referencedDirectories: s.directories.map(parseDigestKey),
-    upstream: s.upstream,
-    fetchedAt: s.fetchedAt,
-  };
-}
-
-function entrySize(entry: string): number {
-  const colon = entry.indexOf(':');
-  return Number(colon < 0 ? entry : entry.slice(0, colon));
-}
-
-function nowSeconds(): number {
-  return Math.floor(Date.now() / 1000);
-}
-
-function mismatch(digest: Digest, detail: string): MirrorError {
-  return new MirrorError('DIGEST_MISMATCH', `content does not match digest ${digestKey(digest)}: ${detail}`);
-}
-
-function isErrno(err: unknown, code: string): boolean {
-  return err instanceof Error && (err as NodeJS.ErrnoException).code === code;
-}
-
-function isLockedError(err: unknown): boolean {
-  for (let e: unknown = err; e instanceof Error; e = e.cause) {
-    if ((e as { code?: unknown }).code === 'LEVEL_LOCKED') return true;
+  names(): AsyncIterable<[string, NameRecord]> {
+    return this.storeIndex.names();
   }
-  return false;
 }

@@ -10,6 +10,7 @@ import { MirrorError, describeError, errorMessage, isEnvironmentFailure } from '
 import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
 import { type LogLevel, createLogger } from '../log.js';
 import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
+import { formatBytes } from './format.js';
 import { runSync } from './sync-command.js';
 import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js';
 
@@ -135,20 +136,38 @@ async function main(argv: string[]): Promise<number> {
     .command(
       'verify',
       'Rehash every stored blob and check every name; --repair removes what is bad',
-      (y) => y.option('repair', { type: 'boolean', default: false, describe: 'Remove bad blobs and the names that need them; re-index valid orphaned files' }),
+      (y) =>
+        y
+          .option('repair', {
+            type: 'boolean',
+            default: false,
+            describe: 'Remove bad blobs and the names that need them; re-index valid unindexed objects and remove temp files an interrupted sync left',
+          })
+          .option('prune', {
+            type: 'boolean',
+            default: false,
+            describe: 'Also delete blobs no name needs and partial downloads, which a later sync would otherwise resume from (implies --repair)',
+          }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
-        const store = await DiskContentStore.open(a.dir, log);
+        // Without --repair, verify changes nothing: the store must exist, and temp files stay.
+        const store = await DiskContentStore.open(a.dir, log, { create: false });
         try {
-          const r = await verifyStore(store, { repair: a.repair, log });
+          const r = await verifyStore(store, { repair: a.repair, prune: a.prune, log });
           const out = process.stdout;
+          const done = (did: string, hint: string): string => (r.repaired ? ` (${did})` : ` (${hint})`);
+          const size = (n: { count: number; bytes: number }): string => `${n.count}, ${formatBytes(n.bytes)}`;
           out.write(`checked ${r.blobsChecked} blobs and ${r.namesChecked} names\n`);
           for (const b of r.badBlobs) out.write(`bad blob ${b.digest}: ${b.problem}${r.repaired ? ' (removed)' : ''}\n`);
           for (const n of r.brokenNames) out.write(`broken name ${n.urn}: ${n.problem}${r.repaired ? ' (removed)' : ''}\n`);
-          if (r.orphansRecovered || r.orphansBad) {
-            out.write(`unindexed object files: ${r.orphansRecovered} valid${r.repaired ? ' (re-indexed)' : ''}, ${r.orphansBad} bad${r.repaired ? ' (deleted)' : ''}\n`);
-          }
-          const problems = r.badBlobs.length + r.brokenNames.length + r.orphansBad + r.orphansRecovered;
+          for (const f of r.badUnindexed) out.write(`bad unindexed object file ${f.path}: ${f.problem}${r.repaired ? ' (deleted)' : ''}\n`);
+          // Not problems: what an interrupted sync leaves, and data the next sync resumes from.
+          if (r.unindexed.count > 0) out.write(`unindexed objects left by an interrupted sync: ${size(r.unindexed)}, all valid${done('re-indexed', '--repair re-indexes them')}\n`);
+          if (r.tempFiles.count > 0) out.write(`temp files left by an interrupted sync: ${size(r.tempFiles)}${done('removed', '--repair removes them')}\n`);
+          const pruned = (what: string): string => (r.pruned ? ' (removed)' : ` (kept: ${what}; --prune removes them)`);
+          if (r.partialDownloads.count > 0) out.write(`partial downloads: ${size(r.partialDownloads)}${pruned('the next sync of their names resumes them')}\n`);
+          if (r.unreferenced.count > 0) out.write(`unreferenced blobs, needed by no name: ${size(r.unreferenced)}${pruned('a sync of the names they were fetched for will not fetch them again')}\n`);
+          const problems = r.badBlobs.length + r.brokenNames.length + r.badUnindexed.length;
           out.write(problems === 0 ? 'store is consistent\n' : r.repaired ? 'repaired; run sync to fetch what was removed\n' : 'problems found; run with --repair to fix the index\n');
           exitCode = problems === 0 || r.repaired ? 0 : 1;
         } finally {

@@ -34,7 +34,9 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
   });
   if (invalid.length > 0) throw new MirrorError('CONFIG_INVALID', `invalid name${invalid.length > 1 ? 's' : ''}:\n  ${invalid.join('\n  ')}`);
   const upstreams = await Promise.all(args.upstreams.map((spec) => GrpcUpstream.create(spec)));
-  const store = await DiskContentStore.open(args.dir, log);
+  // sync is the store's writer: temp files a crashed run left are removed (partial downloads are
+  // kept and resumed).
+  const store = await DiskContentStore.open(args.dir, log, { removeStaleTemp: true });
   const bar = process.stderr.isTTY && !args.json
     ? new cliProgress.SingleBar(
         { stream: process.stderr, format: 'sync [{bar}] {value}/{total} names | {blobs} blobs | {bytes} | {rate}', hideCursor: true },
@@ -77,7 +79,11 @@ function printSummary(report: SyncReport, json: boolean, out: NodeJS.WritableStr
   const seconds = report.durationMs / 1000;
   out.write(
     `mirrored ${count('mirrored')}, already present ${count('present')}, missing upstream ${count('missing')}, failed ${count('failed')} (of ${report.results.length} names)\n` +
-      `transferred ${report.blobsTransferred} blobs, ${formatBytes(report.bytesTransferred)} in ${seconds.toFixed(1)} s (${formatBytes(report.bytesTransferred / Math.max(seconds, 0.001))}/s)\n`,
+      `transferred ${report.blobsTransferred} blobs, ${formatBytes(report.bytesTransferred)} in ${seconds.toFixed(1)} s ` +
+      // The rate is of what came over the wire: bytes resumed from partial downloads were already here.
+      `(${formatBytes((report.bytesTransferred - report.bytesResumed) / Math.max(seconds, 0.001))}/s)` +
+      (report.bytesResumed > 0 ? `, of which ${formatBytes(report.bytesResumed)} resumed from partial downloads of an interrupted sync` : '') +
+      '\n',
   );
   for (const r of report.results) {
     if (r.status === 'missing' || r.status === 'failed') out.write(`${r.status}: ${r.input}: ${r.reason ?? ''}\n`);

@@ -51,7 +51,7 @@ export interface Upstream {
   /** Reads up to the batch limit of small blobs; each result says whether it was found. */
   batchRead(digests: readonly Digest[]): Promise<BatchReadResult[]>;
   /** Streams one blob with ByteStream.Read. Throws BLOB_NOT_FOUND when it is absent. */
-  readStream(digest: Digest): AsyncIterable<Uint8Array>;
+  readStream(digest: Digest, offset?: number): AsyncIterable<Uint8Array>;
   close(): void;
 }
 
@@ -193,10 +193,10 @@ export class GrpcUpstream implements Upstream {
     });
   }
 
-  async *readStream(digest: Digest): AsyncIterable<Uint8Array> {
+  async *readStream(digest: Digest, offset = 0): AsyncIterable<Uint8Array> {
     const { storage } = this;
     const call = storage.bytestream.read(
-      { resourceName: readResourceName(storage.instanceName, digest), readOffset: 0n, readLimit: 0n },
+      { resourceName: readResourceName(storage.instanceName, digest), readOffset: BigInt(offset), readLimit: 0n },
       storage.metadata(),
     );
     const messages = (call as AsyncIterable<{ data: Uint8Array }>)[Symbol.asyncIterator]();

@@ -6,6 +6,8 @@ import { type Digest, EMPTY_DIGEST, digestKey } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
 import type { Upstream } from '../remote/upstream.js';
+import { Backlog, type BacklogShare, TaskScope } from './task-scope.js';
+import { TransferLimiter } from './transfer-limiter.js';
 
 export interface SyncOptions {
   readonly store: ContentStore;
@@ -45,8 +47,11 @@ export interface NameResult {
 
 export interface SyncReport {
   readonly results: NameResult[];
+  /** Blobs this run stored, and their bytes (a blob resumed from a partial download counts whole). */
   readonly blobsTransferred: number;
   readonly bytesTransferred: number;
+  /** Of bytesTransferred, the bytes that came from partial downloads of an earlier, interrupted run. */
+  readonly bytesResumed: number;
   readonly durationMs: number;
 }
 
@@ -54,19 +59,27 @@ export interface SyncReport {
 const NAME_CONCURRENCY = 4;
 /** BuildStream 1.6 groups FindMissingBlobs the same way; it bounds each index lookup. */
 const FIND_MISSING_GROUP = 4096;
+/** Directories fetched, read and parsed together while walking a tree (bounds memory on wide levels). */
+const WALK_CHUNK = 1024;
+/** File digests handed to one fetch task (one index lookup, then batches up to the upstream's limit). */
+const FILE_CHUNK = 4096;
+/** File digests of one name waiting for a transfer slot before its tree walk pauses. */
+const MAX_QUEUED_FILES = 16_384;
 
 /**
  * Mirrors each name's whole closure from the first upstream that has it, then records the name,
  * so a name is never visible before every blob it needs is stored. Blobs already stored locally
- * are not transferred again; every transferred blob is verified before it is stored.
+ * are not transferred again; every transferred blob is verified before it is stored. Returns
+ * only when every transfer it started has finished (stored, or failed and cleaned up), so the
+ * report counts exactly what was stored.
  */
 export async function syncNames(options: SyncOptions): Promise<SyncReport> {
   const started = Date.now();
-  const transfers = pLimit(options.concurrency ?? 8);
+  const transfers = new TransferLimiter(options.concurrency ?? 8);
   // Names synced together often share blobs (logs, metadata, common files): each is fetched once.
   const inFlight: InFlight = new Map();
   const perName = pLimit(NAME_CONCURRENCY);
-  const totals = { blobs: 0, bytes: 0, namesDone: 0 };
+  const totals = { blobs: 0, bytes: 0, resumed: 0, namesDone: 0 };
   const report = (): void =>
     options.onProgress?.({
       namesTotal: options.names.length,
@@ -80,11 +93,12 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
         const counter = {
           blobs: 0,
           bytes: 0,
-          add(blobs: number, bytes: number) {
+          add(blobs: number, bytes: number, resumed: number) {
             this.blobs += blobs;
             this.bytes += bytes;
             totals.blobs += blobs;
             totals.bytes += bytes;
+            totals.resumed += resumed;
             report();
           },
         };
@@ -99,22 +113,22 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
       }),
     ),
   );
-  return { results, blobsTransferred: totals.blobs, bytesTransferred: totals.bytes, durationMs: Date.now() - started };
+  return { results, blobsTransferred: totals.blobs, bytesTransferred: totals.bytes, bytesResumed: totals.resumed, durationMs: Date.now() - started };
 }
 
 interface Counter {
-  add(blobs: number, bytes: number): void;
+  /** Counts blobs stored (with their bytes, of which `resumed` came from partial downloads). */
+  add(blobs: number, bytes: number, resumed: number): void;
   readonly blobs: number;
 }
 
-type Limit = ReturnType<typeof pLimit>;
 /** Blob transfers under way, by digest key, shared by every name of one sync. */
 type InFlight = Map<string, Promise<void>>;
 
 async function syncOne(
   input: string,
   options: SyncOptions,
-  transfers: Limit,
+  transfers: TransferLimiter,
   inFlight: InFlight,
   counter: Counter,
 ): Promise<Omit<NameResult, 'blobsTransferred' | 'bytesTransferred'>> {
@@ -173,40 +187,80 @@ function describeFetchError(err: unknown): string {
   return errorMessage(err);
 }
 
-/** Fetches the blobs of one name that the store lacks, from one upstream. */
+/**
+ * Fetches the blobs of one name that the store lacks, from one upstream. The tree walk waits only
+ * for the Directory blobs it reads; file blobs (small in batches, large by ByteStream) are fetched
+ * by tasks running beside it, so a closure's big files and its subdirectories move together. Every
+ * task belongs to the name's TaskScope, and fetchName returns only when all have settled.
+ */
 class ClosureFetcher {
+  private readonly scope = new TaskScope();
+  /** This name's file digests waiting for a transfer slot; the walk pauses when there are too many. */
+  private readonly backlog = new Backlog();
+
   constructor(
     private readonly store: ContentStore,
     private readonly upstream: Upstream,
-    private readonly transfers: Limit,
+    private readonly transfers: TransferLimiter,
     private readonly inFlight: InFlight,
     private readonly counter: Counter,
   ) {}
 
-  /** Fetches the name's closure; returns what it references besides its own digest. */
+  /**
+   * Fetches the name's closure; returns what it references besides its own digest. Throws the
+   * first failure, after every transfer the name started has finished or been dropped unstarted.
+   */
   async fetchName(name: MirrorName, digest: Digest, withBuildtrees: boolean): Promise<Roots> {
-    if (isDirectoryName(name.kind)) {
-      await this.fetchTrees([digest]);
-      return { directories: [], blobs: [] };
-    }
-    await this.fetchBlobs([digest]);
-    const data = await this.mustRead(digest);
-    const roots = name.kind === 'artifact' ? artifactRoots(data, digest, withBuildtrees) : sourceRoots(data, digest);
-    await this.fetchBlobs(roots.blobs);
-    await this.fetchTrees(roots.directories);
+    let roots: Roots = { directories: [], blobs: [] };
+    this.scope.spawn(async () => {
+      if (isDirectoryName(name.kind)) {
+        await this.walkTrees([digest]);
+        return;
+      }
+      await this.fetchBlobs([digest], true);
+      const data = await this.mustRead(digest);
+      roots = name.kind === 'artifact' ? artifactRoots(data, digest, withBuildtrees) : sourceRoots(data, digest);
+      await this.fetchFiles(roots.blobs);
+      await this.walkTrees(roots.directories);
+    });
+    await this.scope.drain();
     return roots;
   }
 
-  /** Fetches whole Directory trees, one level at a time. */
-  private async fetchTrees(roots: readonly Digest[]): Promise<void> {
+  /** Walks whole Directory trees, one level (in chunks) at a time, handing their files to fetchFiles. */
+  private async walkTrees(roots: readonly Digest[]): Promise<void> {
     const seen = new Set<string>();
     let level = uniqueDigests(roots);
     while (level.length > 0) {
       for (const d of level) seen.add(digestKey(d));
-      await this.fetchBlobs(level);
-      const children = (await this.mustReadMany(level)).map((data, i) => parseDirectory(data, level[i] ?? EMPTY_DIGEST));
-      await this.fetchBlobs(uniqueDigests(children.flatMap((c) => c.files)));
-      level = uniqueDigests(children.flatMap((c) => c.directories)).filter((d) => !seen.has(digestKey(d)));
+      const next: Digest[] = [];
+      for (let i = 0; i < level.length; i += WALK_CHUNK) {
+        if (this.scope.failed) return;
+        const part = level.slice(i, i + WALK_CHUNK);
+        await this.fetchBlobs(part, true);
+        const children = (await this.mustReadMany(part)).map((data, k) => parseDirectory(data, part[k] ?? EMPTY_DIGEST));
+        await this.fetchFiles(children.flatMap((c) => c.files));
+        for (const c of children) for (const d of c.directories) if (!seen.has(digestKey(d))) next.push(d);
+      }
+      level = uniqueDigests(next);
+    }
+  }
+
+  /** Starts fetching file blobs in tasks of the scope; waits only while the backlog is full. */
+  private async fetchFiles(digests: readonly Digest[]): Promise<void> {
+    const unique = uniqueDigests(digests);
+    for (let i = 0; i < unique.length; i += FILE_CHUNK) {
+      await this.backlog.below(MAX_QUEUED_FILES);
+      if (this.scope.failed) return;
+      const part = unique.slice(i, i + FILE_CHUNK);
+      const share = this.backlog.take(part.length);
+      this.scope.spawn(async () => {
+        try {
+          await this.fetchBlobs(part, false, share);
+        } finally {
+          share.releaseAll();
+        }
+      });
     }
   }
 
@@ -227,31 +281,38 @@ class ClosureFetcher {
   /**
    * Transfers the digests the store lacks: small ones in batches, large ones by ByteStream.
    * Blobs another name is already fetching are waited for instead, and fetched here only if
-   * that transfer failed.
+   * that transfer did not store them. `share` is given back as the digests get going.
    */
-  private async fetchBlobs(digests: readonly Digest[]): Promise<void> {
+  private async fetchBlobs(digests: readonly Digest[], priority: boolean, share?: BacklogShare): Promise<void> {
     const unique = uniqueDigests(digests);
     const missing: Digest[] = [];
     for (let i = 0; i < unique.length; i += FIND_MISSING_GROUP) {
       missing.push(...(await this.store.findMissing(unique.slice(i, i + FIND_MISSING_GROUP))));
     }
+    share?.release(digests.length - missing.length);
     if (missing.length === 0) return;
     const { maxBatchBytes } = await this.upstream.connect();
     // From here to transfer() registering its blobs there is no await, so no other name can
     // start the same blobs in between.
     const elsewhere = missing.filter((d) => this.inFlight.has(digestKey(d)));
-    await Promise.all([
-      this.transfer(missing.filter((d) => !this.inFlight.has(digestKey(d))), maxBatchBytes),
+    share?.release(elsewhere.length);
+    await settleAll([
+      this.transfer(missing.filter((d) => !this.inFlight.has(digestKey(d))), maxBatchBytes, priority, share),
       (async () => {
         if (elsewhere.length === 0) return;
         await Promise.allSettled(elsewhere.map((d) => this.inFlight.get(digestKey(d))));
-        await this.transfer(await this.store.findMissing(elsewhere), maxBatchBytes);
+        await this.transfer(await this.store.findMissing(elsewhere), maxBatchBytes, priority);
       })(),
     ]);
   }
 
-  /** Starts transfers of `missing` (registered as in flight until they settle) and awaits them. */
-  private async transfer(missing: readonly Digest[], maxBatchBytes: number): Promise<void> {
+  /**
+   * Queues transfers of `missing` (registered as in flight until they settle) and waits for all
+   * of them to settle, then throws the first failure. A transfer whose turn comes after the name
+   * failed is dropped; one whose blobs another name stored meanwhile fetches only what is still
+   * missing, so no blob is fetched twice and the counts stay exact.
+   */
+  private async transfer(missing: readonly Digest[], maxBatchBytes: number, priority: boolean, share?: BacklogShare): Promise<void> {
     if (missing.length === 0) return;
     const batches: Digest[][] = [];
     const large: Digest[] = [];
@@ -271,8 +332,13 @@ class ClosureFetcher {
       currentBytes += d.sizeBytes;
     }
     if (current.length > 0) batches.push(current);
-    const track = (digestsOf: readonly Digest[], run: () => Promise<void>): Promise<void> => {
-      const done = this.transfers(run);
+    const track = (digestsOf: readonly Digest[], stream: boolean, run: (still: Digest[]) => Promise<void>): Promise<void> => {
+      const done = this.transfers.run({ priority, stream }, async () => {
+        share?.release(digestsOf.length);
+        if (this.scope.failed) return;
+        const still = await this.store.findMissing(digestsOf);
+        if (still.length > 0) await run(still);
+      });
       for (const d of digestsOf) this.inFlight.set(digestKey(d), done);
       const forget = (): void => {
         for (const d of digestsOf) if (this.inFlight.get(digestKey(d)) === done) this.inFlight.delete(digestKey(d));
@@ -280,22 +346,38 @@ class ClosureFetcher {
       done.then(forget, forget);
       return done;
     };
-    await Promise.all([...batches.map((batch) => track(batch, () => this.fetchBatch(batch))), ...large.map((d) => track([d], () => this.fetchLarge(d)))]);
+    await settleAll([
+      ...batches.map((batch) => track(batch, false, (still) => this.fetchBatch(still))),
+      ...large.map((d) => track([d], true, () => this.fetchLarge(d))),
+    ]);
   }
 
+  /** Stores every sound blob of a batch, counts them, then throws for the first bad or absent one. */
   private async fetchBatch(batch: readonly Digest[]): Promise<void> {
     const results = await this.upstream.batchRead(batch);
-    const blobs: { digest: Digest; data: Uint8Array }[] = [];
+    const found: { digest: Digest; data: Uint8Array }[] = [];
+    const absent: Digest[] = [];
     for (const r of results) {
-      if ('missing' in r) throw new MirrorError('BLOB_NOT_FOUND', `${this.upstream.name} does not have blob ${digestKey(r.digest)}, which the name needs`);
-      blobs.push(r);
+      if ('missing' in r) absent.push(r.digest);
+      else found.push(r);
     }
-    await this.store.writeMany(blobs);
-    this.counter.add(blobs.length, blobs.reduce((n, b) => n + b.digest.sizeBytes, 0));
+    const errors = await this.store.writeEach(found);
+    const stored = found.filter((_, i) => errors[i] === undefined);
+    this.counter.add(stored.length, stored.reduce((n, b) => n + b.digest.sizeBytes, 0), 0);
+    const bad = errors.find((e) => e !== undefined);
+    if (bad) throw bad;
+    if (absent[0]) throw new MirrorError('BLOB_NOT_FOUND', `${this.upstream.name} does not have blob ${digestKey(absent[0])}, which the name needs`);
   }
 
+  /** Streams a large blob into the store, resuming a partial download an earlier run left. */
   private async fetchLarge(digest: Digest): Promise<void> {
-    await this.store.write(digest, this.upstream.readStream(digest));
-    this.counter.add(1, digest.sizeBytes);
+    const { resumedBytes } = await this.store.writeResumable(digest, (offset) => this.upstream.readStream(digest, offset));
+    this.counter.add(1, digest.sizeBytes, resumedBytes);
   }
+}
+
+/** Waits for every promise to settle, then throws the first rejection (Promise.all would not wait). */
+async function settleAll(promises: readonly Promise<unknown>[]): Promise<void> {
+  const settled = await Promise.allSettled(promises);
+  for (const s of settled) if (s.status === 'rejected') throw s.reason;
 }

@@ -34,6 +34,8 @@ export class FakeUpstream {
   stallAfterBytes: number | undefined;
   /** Stalled reads still open; each ends once the client cancels it. */
   readonly stalledReads = new Set<grpc.ServerWritableStream<unknown, unknown>>();
+  /** The read_offset of every ByteStream read, in order (resumed downloads ask for offset > 0). */
+  readonly readOffsets: number[] = [];
   private server: grpc.Server | undefined;
   url = '';
 
@@ -116,9 +118,15 @@ export class FakeUpstream {
           call.emit('error', notFound('missing'));
           return;
         }
+        const offset = Number(call.request.readOffset);
+        this.readOffsets.push(offset);
+        if (offset > data.byteLength) {
+          call.emit('error', { code: grpc.status.OUT_OF_RANGE, details: `read_offset ${offset} is past the end` });
+          return;
+        }
         // A stalled upstream: sends the first `stallAfterBytes` of a large blob, then nothing, with the call left open.
         const end = this.stallAfterBytes === undefined ? data.byteLength : Math.min(this.stallAfterBytes, data.byteLength);
-        for (let off = 0; off < end; off += 256 * 1024) call.write({ data: data.subarray(off, Math.min(end, off + 256 * 1024)) });
+        for (let off = offset; off < end; off += 256 * 1024) call.write({ data: data.subarray(off, Math.min(end, off + 256 * 1024)) });
         if (end === data.byteLength) call.end();
         else {
           this.stalledReads.add(call);
