@@ -56,3 +56,15 @@ test('an http:// upstream that speaks TLS is reported as such, not as a failed c
   assert.equal(sync.code, 1, sync.stdout + sync.stderr);
   assert.match(sync.stdout, new RegExp(`failed: ${REF}: http://127.0.0.1:${port} speaks TLS: use https://127.0.0.1:${port} \\(with --server-cert`));
 });
+
+test('an upstream tree naming a huge blob as a Directory fails the name without fetching the blob', { timeout: 60_000 }, async (t) => {
+  const up = new FakeUpstream('reference-storage');
+  const huge = up.add(Buffer.alloc((16 << 20) + 1, 3));
+  up.refs.set(REF, up.addDirectory({ dirs: [{ name: 'not-a-dir', digest: huge }] }));
+  await up.start();
+  t.after(() => up.stop());
+  const sync = await runCli(['sync', '--dir', await tempDir(t), '--upstream', up.url, '--ref', REF]);
+  assert.equal(sync.code, 1, sync.stdout + sync.stderr);
+  assert.match(sync.stdout, /is 16777217 bytes, more than a Directory may be \(16777216\): it is not a Directory/);
+  assert.equal(up.count('ByteStream.Read'), 0, 'the huge blob was never fetched');
+});

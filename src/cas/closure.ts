@@ -19,16 +19,16 @@ export interface DirectoryChildren {
 }
 
 /**
- * The largest blob read as a Directory. BuildStream's largest real directories (thousands of
- * entries) are around 1 MiB; a bound checked before reading keeps a blob of any other kind (a
- * 1 GiB file named as a tree root, say) from being read into memory to be parsed.
+ * The largest blob read as a Directory, Artifact or Source message. BuildStream's largest real
+ * directories (thousands of entries) are around 1 MiB; a bound checked before reading keeps a blob
+ * of any other kind (a 1 GiB file named as a tree root, say) from being read into memory to be parsed.
  */
-export const MAX_DIRECTORY_BYTES = 16 << 20;
+export const MAX_MESSAGE_BLOB_BYTES = 16 << 20;
 
-/** Throws INVALID_ARGUMENT, before anything is read, for a blob too large to be a Directory. */
-export function checkDirectorySize(digest: Digest): void {
-  if (digest.sizeBytes > MAX_DIRECTORY_BYTES) {
-    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is ${digest.sizeBytes} bytes, more than a Directory may be (${MAX_DIRECTORY_BYTES}): it is not a Directory`);
+/** Throws INVALID_ARGUMENT, before anything is read, for a blob too large to be the message `what` names. */
+export function checkMessageSize(digest: Digest, what: 'Directory' | 'BuildStream Artifact' | 'BuildStream Source'): void {
+  if (digest.sizeBytes > MAX_MESSAGE_BLOB_BYTES) {
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is ${digest.sizeBytes} bytes, more than a ${what} may be (${MAX_MESSAGE_BLOB_BYTES}): it is not a ${what}`);
   }
 }
 

@@ -9,7 +9,7 @@ import {
 } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
-import { checkDirectorySize } from '../cas/closure.js';
+import { checkMessageSize } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
@@ -86,11 +86,11 @@ export class CasService {
    * Streams the tree breadth-first, `pageSize` directories (or ~2 MiB) per message, from the
    * position `start` in that order. Each message's next_page_token is the position to resume at.
    * Subtrees missing from the store are left out, as REAPI allows. Each level is read in groups
-   * of at most TREE_READ_GROUP_BYTES, and no blob over MAX_DIRECTORY_BYTES is read at all, so
+   * of at most TREE_READ_GROUP_BYTES, and no blob over MAX_MESSAGE_BLOB_BYTES is read at all, so
    * one call holds little memory and never holds the reader thread long.
    */
   private async streamTree(root: Digest, start: number, pageSize: number, call: grpc.ServerWritableStream<unknown, { directories: Directory[]; nextPageToken: string }>): Promise<void> {
-    checkDirectorySize(root);
+    checkMessageSize(root, 'Directory');
     if ((await this.store.findMissing([root])).length > 0) throw new MirrorError('BLOB_NOT_FOUND', `root directory ${digestKey(root)} is not in the mirror`);
     let position = 0;
     let page: Directory[] = [];
@@ -122,7 +122,7 @@ export class CasService {
           for (const child of dir.directories) {
             const d = fromWire(child.digest, `Directory ${digestKey(digest)} entry '${child.name}'`);
             if (!seen.has(digestKey(d))) {
-              checkDirectorySize(d);
+              checkMessageSize(d, 'Directory');
               seen.add(digestKey(d));
               nextLevel.push(d);
             }

@@ -1,7 +1,7 @@
 import pLimit from 'p-limit';
 import type { Logger } from 'pino';
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
-import { type Roots, artifactRoots, parseDirectory, sourceRoots, uniqueDigests } from '../cas/closure.js';
+import { type Roots, artifactRoots, checkMessageSize, parseDirectory, sourceRoots, uniqueDigests } from '../cas/closure.js';
 import { type Digest, EMPTY_DIGEST, digestKey } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
@@ -217,6 +217,7 @@ class ClosureFetcher {
         await this.walkTrees([digest]);
         return;
       }
+      checkMessageSize(digest, name.kind === 'artifact' ? 'BuildStream Artifact' : 'BuildStream Source');
       await this.fetchBlobs([digest], true);
       const data = await this.mustRead(digest);
       roots = name.kind === 'artifact' ? artifactRoots(data, digest, withBuildtrees) : sourceRoots(data, digest);
@@ -237,6 +238,7 @@ class ClosureFetcher {
       for (let i = 0; i < level.length; i += WALK_CHUNK) {
         if (this.scope.failed) return;
         const part = level.slice(i, i + WALK_CHUNK);
+        for (const d of part) checkMessageSize(d, 'Directory');
         await this.fetchBlobs(part, true);
         const children = (await this.mustReadMany(part)).map((data, k) => parseDirectory(data, part[k] ?? EMPTY_DIGEST));
         await this.fetchFiles(children.flatMap((c) => c.files));
