@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { digestOf, EMPTY_DIGEST, toWire } from '../src/cas/digest.js';
 import { URN_PREFIX } from '../src/cas/names.js';
+import { FindMissingBlobsRequest, FindMissingBlobsResponse } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { call, readAll, startMirror, tempDir } from './helpers/mirror.js';
 
 const H = 'a'.repeat(64);
@@ -105,9 +106,9 @@ test('bad input is INVALID_ARGUMENT (or NOT_FOUND / OUT_OF_RANGE where the proto
   await assert.rejects(tree(''), code(grpc.status.INVALID_ARGUMENT, /not a Directory|Directory/));
 });
 
-test('undecodable and oversized messages are INVALID_ARGUMENT', async (t) => {
+test('undecodable messages are INVALID_ARGUMENT; requests over 8 MiB are RESOURCE_EXHAUSTED', async (t) => {
   const { server } = await startMirror(t, await tempDir(t));
-  const client = new grpc.Client(server.address, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 128 << 20 });
+  const client = new grpc.Client(server.address, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 128 << 20, 'grpc.max_receive_message_length': 16 << 20 });
   t.after(() => client.close());
   const raw = (payload: Buffer) =>
     new Promise((resolve, reject) =>
@@ -122,7 +123,14 @@ test('undecodable and oversized messages are INVALID_ARGUMENT', async (t) => {
       ),
     );
   await assert.rejects(raw(Buffer.from([0x12, 0xff, 0xff, 0xff, 0x0f, 0x01])), code(grpc.status.INVALID_ARGUMENT, /not a valid/));
-  await assert.rejects(raw(Buffer.alloc(20 << 20)), code(grpc.status.INVALID_ARGUMENT, /over the limit/));
+  // Refused by grpc-js from the length prefix, before the message is buffered.
+  await assert.rejects(raw(Buffer.alloc((8 << 20) + 1)), code(grpc.status.RESOURCE_EXHAUSTED, /larger than max \(8388609 vs 8388608\)/));
+  // A FindMissingBlobs of 100,000 digests (~7.5 MB) is the largest legitimate request; it fits.
+  const blobDigests = Array.from({ length: 100_000 }, (_, i) => ({ hash: i.toString(16).padStart(64, '0'), sizeBytes: 1_000_000_000n + BigInt(i) }));
+  const large = Buffer.from(FindMissingBlobsRequest.encode({ instanceName: '', blobDigests, digestFunction: 0 }).finish());
+  assert.ok(large.byteLength > 7_000_000 && large.byteLength < 8 << 20, `${large.byteLength} bytes`);
+  const answer = FindMissingBlobsResponse.decode((await raw(large)) as Buffer);
+  assert.equal(answer.missingBlobDigests.length, 100_000);
 });
 
 test('GetTree rooted at a blob too large to be a Directory is refused by its size, without reading it; other reads go on', async (t) => {

@@ -9,7 +9,16 @@ import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
 import { MirrorError, describeError, errorMessage, isEnvironmentFailure } from '../errors.js';
 import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
 import { type LogLevel, createLogger } from '../log.js';
-import { DEFAULT_MAX_BATCH_BYTES, MirrorServer } from '../server/server.js';
+import {
+  DEFAULT_IDLE_TIMEOUT_MS,
+  DEFAULT_MAX_BATCH_BYTES,
+  DEFAULT_MAX_REQUEST_BYTES,
+  DEFAULT_MAX_STREAMS_PER_CONNECTION,
+  DEFAULT_SEND_BUDGET_BYTES,
+  DEFAULT_STALL_TIMEOUT_MS,
+  MirrorServer,
+} from '../server/server.js';
+import { DEFAULT_MAX_CONNECTIONS, defaultMaxConnections } from '../server/listener.js';
 import { formatBytes } from './format.js';
 import { runSync } from './sync-command.js';
 import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js';
@@ -105,9 +114,44 @@ async function main(argv: string[]): Promise<number> {
           .option('listen', { type: 'string', default: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port)' })
           .option('max-batch-bytes', { type: 'number', default: DEFAULT_MAX_BATCH_BYTES, describe: 'BatchReadBlobs limit to advertise and enforce' })
           .option('recheck-hours', { type: 'number', default: DEFAULT_RECHECK_AFTER_MS / 3_600_000, describe: 'Rehash a blob served whole if this process has not hashed it for this long (0: on every read)' })
+          .option('send-budget-mib', {
+            type: 'number',
+            default: DEFAULT_SEND_BUDGET_BYTES / (1 << 20),
+            describe: 'MiB of response data (blob chunks, batches, tree pages) held at once for all clients together; more waits',
+          })
+          .option('stall-timeout', {
+            type: 'number',
+            default: DEFAULT_STALL_TIMEOUT_MS / 1000,
+            describe: 'Seconds a response may wait for a client that takes none of it (paused or gone) before it is cancelled (0: never)',
+          })
+          .option('idle-timeout', { type: 'number', default: DEFAULT_IDLE_TIMEOUT_MS / 1000, describe: 'Seconds a connection without calls stays open (0: forever)' })
+          .option('max-connections', {
+            type: 'number',
+            default: defaultMaxConnections(),
+            defaultDescription: `${DEFAULT_MAX_CONNECTIONS}, or half the open-file limit if lower`,
+            describe: 'Connections open at once; further ones are closed as they arrive',
+          })
+          .option('max-streams-per-connection', {
+            type: 'number',
+            default: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            describe: 'Concurrent calls per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; clients queue the rest)',
+          })
+          .option('max-request-bytes', {
+            type: 'number',
+            default: DEFAULT_MAX_REQUEST_BYTES,
+            describe: 'Largest request message; larger ones are refused (RESOURCE_EXHAUSTED) before they are read',
+          })
           .check((a) => {
             if (!(a['recheck-hours'] >= 0)) throw new Error('--recheck-hours must be a number >= 0');
             if (!Number.isInteger(a['max-batch-bytes']) || a['max-batch-bytes'] < 1024 || a['max-batch-bytes'] > 32 << 20) throw new Error('--max-batch-bytes must be an integer from 1024 to 33554432');
+            if (!(a['send-budget-mib'] >= 4 && a['send-budget-mib'] <= 65536)) throw new Error('--send-budget-mib must be a number from 4 to 65536');
+            if (!(a['stall-timeout'] >= 0 && a['stall-timeout'] <= 86400)) throw new Error('--stall-timeout must be a number of seconds from 0 (never) to 86400');
+            if (!(a['idle-timeout'] >= 0 && a['idle-timeout'] <= 86400 * 7)) throw new Error('--idle-timeout must be a number of seconds from 0 (never) to 604800');
+            if (!Number.isInteger(a['max-connections']) || a['max-connections'] < 1) throw new Error('--max-connections must be an integer >= 1');
+            if (!Number.isInteger(a['max-streams-per-connection']) || a['max-streams-per-connection'] < 1 || a['max-streams-per-connection'] > 100_000) {
+              throw new Error('--max-streams-per-connection must be an integer from 1 to 100000');
+            }
+            if (!Number.isInteger(a['max-request-bytes']) || a['max-request-bytes'] < 65536 || a['max-request-bytes'] > 1 << 30) throw new Error('--max-request-bytes must be an integer from 65536 to 1073741824');
             return true;
           }),
       async (a) => {
@@ -115,7 +159,19 @@ async function main(argv: string[]): Promise<number> {
         const store = await DiskContentStore.open(a.dir, log, { recheckAfterMs: a['recheck-hours'] * 3_600_000 });
         let server: MirrorServer;
         try {
-          server = await MirrorServer.start(store, { listen: a.listen, maxBatchBytes: a['max-batch-bytes'], log });
+          server = await MirrorServer.start(store, {
+            listen: a.listen,
+            maxBatchBytes: a['max-batch-bytes'],
+            log,
+            limits: {
+              sendBudgetBytes: Math.round(a['send-budget-mib'] * (1 << 20)),
+              stallTimeoutMs: a['stall-timeout'] * 1000,
+              idleTimeoutMs: a['idle-timeout'] * 1000,
+              maxConnections: a['max-connections'],
+              maxStreamsPerConnection: a['max-streams-per-connection'],
+              maxRequestBytes: a['max-request-bytes'],
+            },
+          });
         } catch (err) {
           await store.close();
           throw err;

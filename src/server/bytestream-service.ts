@@ -5,11 +5,16 @@ import type { ContentStore } from '../cas/content-store.js';
 import { digestKey, parseResourceName } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
 import { BYTES_FIELD_HEADROOM, type EncodedMessage, acceptingEncoded, encodeBytesField } from './encoded-message.js';
-import { boundedWriter, clientStreamRefusal, guardedDefinition, readOnlyError, serverStream } from './handler.js';
+import { clientStreamRefusal, guardedDefinition, readOnlyError, serverStream } from './handler.js';
+import { ResponseWriter, type SendBudget } from './send-budget.js';
 
 /** Bytes per ReadResponse: what the 1.x reference server and bst use, well under clients' 4 MiB limit. */
 export const READ_CHUNK_BYTES = 1 << 20;
-/** Chunks a read may have queued for HTTP/2 at once: enough to keep the socket busy, and a bound on memory per reader. */
+/**
+ * Chunks a read may have queued for HTTP/2 at once: enough to keep the socket busy, few enough
+ * that one reader holds little of the send budget (a paused reader holds this many until the
+ * stall timeout cancels it).
+ */
 const READ_CHUNKS_IN_FLIGHT = 4;
 /** ReadResponse.data's field number. */
 const READ_RESPONSE_DATA_FIELD = 10;
@@ -20,6 +25,7 @@ type ReadCall = grpc.ServerWritableStream<ReadRequest, ReadResponse | EncodedMes
 export class ByteStreamReadService {
   constructor(
     private readonly store: ContentStore,
+    private readonly budget: SendBudget,
     private readonly log: Logger,
   ) {}
 
@@ -42,12 +48,20 @@ export class ByteStreamReadService {
     }
     const reader = await this.store.read(digest, { offset: Number(readOffset), limit: readLimit === 0n ? undefined : Number(readLimit) });
     if (reader === undefined) throw new MirrorError('BLOB_NOT_FOUND', `blob ${digestKey(digest)} is not in the mirror`);
-    const out = boundedWriter(call, READ_CHUNKS_IN_FLIGHT);
-    // Leaving the loop early (cancel) closes the generator, and with it the file.
-    for await (const frame of reader.chunks(READ_CHUNK_BYTES, BYTES_FIELD_HEADROOM)) {
-      if (call.cancelled) break;
-      await out.write(encodeBytesField(READ_RESPONSE_DATA_FIELD, frame));
-      if (call.cancelled) break; // woken by the cancel: read no further
+    const out = new ResponseWriter(call, this.budget, READ_CHUNKS_IN_FLIGHT);
+    // Room in the send budget is taken before each chunk is read from disk, so nothing is read
+    // for a client that cannot take it. Closing the iterator (on the way out) closes the file.
+    const chunks = reader.chunks(READ_CHUNK_BYTES, BYTES_FIELD_HEADROOM)[Symbol.asyncIterator]();
+    try {
+      for (let left = reader.length; left > 0 && !out.done; left -= READ_CHUNK_BYTES) {
+        const sent = await out.send(Math.min(left, READ_CHUNK_BYTES) + BYTES_FIELD_HEADROOM, async () => {
+          const next = await chunks.next();
+          return next.done ? undefined : encodeBytesField(READ_RESPONSE_DATA_FIELD, next.value);
+        });
+        if (!sent) break;
+      }
+    } finally {
+      await chunks.return?.();
     }
   }
 }

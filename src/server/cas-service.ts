@@ -13,7 +13,8 @@ import { checkMessageSize } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
-import { boundedWriter, guardedDefinition, readOnlyError, serverStream, unary } from './handler.js';
+import { guardedDefinition, readOnlyError, serverStream, unary } from './handler.js';
+import { ResponseWriter, type SendBudget, holdForCall } from './send-budget.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
 import { toStatus } from './status.js';
 
@@ -22,6 +23,8 @@ const TREE_PAGE_DIRECTORIES = 1000;
 const TREE_PAGE_BYTES = 2 << 20;
 /** Pages a GetTree may have queued for HTTP/2 at once. */
 const TREE_PAGES_IN_FLIGHT = 4;
+/** Room a BatchReadBlobs response takes besides its blobs: per-entry digests and statuses. */
+const BATCH_ENTRY_OVERHEAD_BYTES = 128;
 /** Directory bytes a GetTree reads at once: one reader-thread request, a few milliseconds of its time. */
 const TREE_READ_GROUP_BYTES = 4 << 20;
 
@@ -30,6 +33,7 @@ export class CasService {
   constructor(
     private readonly store: ContentStore,
     private readonly maxBatchBytes: number,
+    private readonly budget: SendBudget,
     private readonly log: Logger,
   ) {}
 
@@ -56,13 +60,17 @@ export class CasService {
       }),
     };
     const definition = guardedDefinition(ContentAddressableStorageService);
-    const batchReadBlobs = unary(log, 'BatchReadBlobs', async (req: BatchReadBlobsRequest): Promise<EncodedMessage> => {
+    const batchReadBlobs = unary(log, 'BatchReadBlobs', async (req: BatchReadBlobsRequest, call): Promise<EncodedMessage> => {
       checkInstanceName(req.instanceName);
       checkDigestFunction(req.digestFunction);
       const digests = req.digests.map((d, i) => fromWire(d, `digests[${i}]`));
       const total = digests.reduce((n, d) => n + d.sizeBytes, 0);
       if (total > this.maxBatchBytes) {
         throw new MirrorError('BATCH_TOO_LARGE', `BatchReadBlobs asks for ${total} bytes, over max_batch_total_size_bytes (${this.maxBatchBytes}); read large blobs with ByteStream`);
+      }
+      // The blobs and then the response that copies them are held until the call is over.
+      if (digests.length > 0 && (await holdForCall(this.budget, call, total + digests.length * BATCH_ENTRY_OVERHEAD_BYTES)) === 0) {
+        throw new MirrorError('INVALID_ARGUMENT', 'the client cancelled BatchReadBlobs');
       }
       const results = await this.store.readManyBytes(digests);
       return encodeBatchReadBlobsResponse(digests.map((digest, i) => this.batchEntry(digest, results[i])));
@@ -97,17 +105,30 @@ export class CasService {
     let pageBytes = 0;
     let level: Digest[] = [root];
     const seen = new Set<string>([digestKey(root)]);
-    const out = boundedWriter(call, TREE_PAGES_IN_FLIGHT);
+    const out = new ResponseWriter(call, this.budget, TREE_PAGES_IN_FLIGHT);
     const flush = async (next: string): Promise<void> => {
-      await out.write({ directories: page, nextPageToken: next });
+      const directories = page;
+      const bytes = pageBytes;
       page = [];
       pageBytes = 0;
+      await out.send(bytes, () => ({ directories, nextPageToken: next }));
     };
     while (level.length > 0) {
       const nextLevel: Digest[] = [];
       for (const group of groupBySize(level, TREE_READ_GROUP_BYTES)) {
-        if (call.cancelled) return;
-        const loaded = await this.store.readManyBytes(group);
+        // A group is counted while it is read. It is released before its directories are paged
+        // (waiting for room for a page while holding a group could wait on itself).
+        const held = await this.budget.acquire(group.reduce((n, d) => n + d.sizeBytes, 0), out.signal);
+        if (held === 0 || out.done) {
+          this.budget.release(held);
+          return;
+        }
+        let loaded: Awaited<ReturnType<ContentStore['readManyBytes']>>;
+        try {
+          loaded = await this.store.readManyBytes(group);
+        } finally {
+          this.budget.release(held);
+        }
         for (const [i, data] of loaded.entries()) {
           const digest = group[i];
           if (data instanceof MirrorError) throw data;

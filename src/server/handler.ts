@@ -4,18 +4,14 @@ import { MirrorError } from '../errors.js';
 import { toServiceError } from './status.js';
 
 /**
- * Stands in for a request that could not be decoded or was too large. grpc-js answers INTERNAL
- * when a deserializer throws; decoding into this marker instead lets the handler answer
- * INVALID_ARGUMENT with a message that says what was wrong.
+ * Stands in for a request that could not be decoded. grpc-js answers INTERNAL when a deserializer
+ * throws; decoding into this marker instead lets the handler answer INVALID_ARGUMENT with a
+ * message that says what was wrong. (Requests over the receive limit never get here: grpc-js
+ * refuses them from their length prefix, before buffering them; see server.ts.)
  */
 class RejectedRequest {
   constructor(readonly reason: string) {}
 }
-
-/** Requests larger than this (but under grpc's hard receive limit) are refused by the handler. */
-export const MAX_REQUEST_BYTES = 16 << 20;
-/** grpc-js drops anything larger before decoding (RESOURCE_EXHAUSTED). */
-export const HARD_RECEIVE_LIMIT_BYTES = 64 << 20;
 
 /** A copy of a generated service definition whose request decoders never throw. */
 export function guardedDefinition<D extends grpc.ServiceDefinition>(definition: D): D {
@@ -24,9 +20,6 @@ export function guardedDefinition<D extends grpc.ServiceDefinition>(definition: 
     guarded[method] = {
       ...def,
       requestDeserialize: (buf: Buffer): unknown => {
-        if (buf.byteLength > MAX_REQUEST_BYTES) {
-          return new RejectedRequest(`request of ${buf.byteLength} bytes is over the limit of ${MAX_REQUEST_BYTES} bytes`);
-        }
         try {
           return def.requestDeserialize(buf);
         } catch (err) {
@@ -98,38 +91,4 @@ export function clientStreamRefusal<Req, Res>(
 /** The one refusal every write RPC of the pull-only mirror gives (PERMISSION_DENIED). */
 export function readOnlyError(what: string): MirrorError {
   return new MirrorError('READ_ONLY', `${what} refused: bst-cache-mirror is a pull-only mirror. List it with push: false (with push: true BuildStream drops it, for pulls too) and push to the upstream cache`);
-}
-
-/**
- * Writes to a server stream with at most `maxInFlight` messages not yet handed to HTTP/2.
- * grpc-js only pushes back once 16 messages are queued (16 MiB a call for ByteStream), so bounding
- * it here keeps memory flat however many clients read at once. write() resolves once the message
- * is queued and the window has room again, or the client went away.
- */
-export function boundedWriter<Res>(call: grpc.ServerWritableStream<unknown, Res>, maxInFlight: number): { write(message: Res): Promise<void> } {
-  let inFlight = 0;
-  let wake: (() => void) | undefined;
-  const settled = (): void => {
-    inFlight -= 1;
-    wake?.();
-  };
-  return {
-    async write(message: Res): Promise<void> {
-      inFlight += 1;
-      call.write(message, settled);
-      while (inFlight >= maxInFlight && !call.cancelled && !call.destroyed) {
-        await new Promise<void>((resolve) => {
-          const done = (): void => {
-            wake = undefined;
-            call.off('cancelled', done);
-            call.off('close', done);
-            resolve();
-          };
-          wake = done;
-          call.once('cancelled', done);
-          call.once('close', done);
-        });
-      }
-    },
-  };
 }
