@@ -1,30 +1,17 @@
 /**
- * Real-client workloads for the benchmarks: BuildStream 1.6 (Debian's `bst` 1.6.8) builds a
- * generated project and pushes it to its own reference server; then we time
+ * Real-client workloads for the benchmarks, BuildStream 1.6 side: Debian's `bst` 1.6.8 builds a
+ * generated project (workload-sources.ts, shared with bst2-workloads.ts) and pushes it to its own
+ * reference server; then we time `bst pull` of every artifact into an empty local cache, from the
+ * reference server or from the mirror (`timeBstPull`).
  *
- * - `bst pull` of every artifact into an empty local cache, from the reference server or from
- *   the mirror (`timeBstPull`), and
- * - `bst-cache-mirror sync` of every ref from an upstream into a mirror directory, with the sync
- *   process's peak RSS (`timeMirrorSync`).
- *
- * The project: one `import` element per artifact, each over a `tar` source (see `writeProject`
- * for why not `local`), holding ~totalBytes in ~blobCount distinct random files (mostly 1-64 KiB,
- * ~2% of 0.25-4.5 MiB); optionally one more element holding a single huge file. Nothing runs in
- * a sandbox. Every server binds 127.0.0.1 on an ephemeral port; `bst` runs with an isolated
- * HOME/XDG (test/helpers/buildstream.ts `runBst`).
+ * Nothing runs in a sandbox. Every server binds 127.0.0.1 on an ephemeral port; `bst` runs with
+ * an isolated HOME/XDG (test/helpers/buildstream.ts `runBst`).
  *
  * The functions return numbers and print nothing on stdout; progress goes to stderr.
  */
-import { type Hash, createHash, randomBytes } from 'node:crypto';
-import { createWriteStream } from 'node:fs';
 import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { once } from 'node:events';
-import { pipeline } from 'node:stream/promises';
-import tar from 'tar-stream';
-import { pathToFileURL } from 'node:url';
 import type { Digest } from '../../src/cas/digest.js';
-import { spawnTracked } from './processes.js';
 import {
   assertBstOk,
   bstAvailable,
@@ -33,34 +20,31 @@ import {
   runBst,
   startReferenceServer,
 } from '../../test/helpers/buildstream.js';
+import {
+  BST_TIMEOUT_MS,
+  PROJECT_NAME,
+  type WorkloadOptions,
+  type WorkloadSources,
+  elapsed,
+  fmtBytes,
+  generateSources,
+  settleDisk,
+  stderrLog,
+  writeProject,
+} from './workload-sources.js';
 
-
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const PROJECT_NAME = 'bench';
-/** `bst build` / `bst push` / `bst pull` of a multi-GB workload take minutes on 2 cores. */
-const BST_TIMEOUT_MS = 60 * 60 * 1000;
+export { type WorkloadOptions, settleDisk } from './workload-sources.js';
 
 // ---------------------------------------------------------------------------
 // Public API
 // ---------------------------------------------------------------------------
 
-export interface WorkloadOptions {
-  /** Payload bytes over all `artifacts` elements (file contents; excludes the huge file). */
-  totalBytes: number;
-  /** Number of distinct files over all `artifacts` elements (each one CAS blob). */
-  blobCount: number;
-  /** Number of elements (one artifact each, under one ref: imports have weak key == strong key). */
-  artifacts: number;
-  /** If set, one more element `huge.bst` holds a single file of this many bytes. */
-  hugeBlobBytes?: number;
-  /** Progress lines; default: to stderr. */
-  log?: (line: string) => void;
-}
-
 export interface Workload {
   workDir: string;
-  /** The BuildStream project (run `bst` here). Its tarballs are deleted after the push: pull only. */
+  /**
+   * The BuildStream project (run `bst` here). Its tarballs are deleted after the push (with
+   * `keepSources`, by `dropSources()`): pull only.
+   */
   projectDir: string;
   projectName: string;
   /** Element file names (`a000.bst`, ..., `huge.bst`), as `bst` takes them. */
@@ -88,8 +72,12 @@ export interface Workload {
   casBytes: number;
   /** CAS digest of the huge file (sha256 and size of its content), if `hugeBlobBytes` was set. */
   hugeBlob?: Digest;
+  /** The generated tarballs and elements, for building the same payload with BuildStream 2. */
+  sources: WorkloadSources;
   /** Wall-clock seconds of the preparation phases (clean-up: deleting build inputs, `sync`). */
   timings: { generateSeconds: number; buildSeconds: number; pushSeconds: number; cleanupSeconds: number };
+  /** Deletes the tarballs and flushes the disk (done by `prepareWorkload` unless `keepSources`). */
+  dropSources(): Promise<void>;
   /** Stops the reference server and deletes workDir. */
   dispose(): Promise<void>;
 }
@@ -100,20 +88,24 @@ export interface Workload {
  * write the pushed refs to `<workDir>/refs.txt`. The reference server keeps running (stop it
  * with `workload.reference.stop()` or `workload.dispose()`). Fails loudly if any step fails.
  */
-export async function prepareWorkload(workDir: string, opts: WorkloadOptions): Promise<Workload> {
+export async function prepareWorkload(workDir: string, opts: WorkloadOptions & { keepSources?: boolean }): Promise<Workload> {
   const log = opts.log ?? stderrLog;
-  validateOptions(opts);
   if (!bstAvailable()) throw new Error('BuildStream 1.6 is required: apt-get install -y buildstream (bst and /usr/bin/python3)');
   const dir = resolve(workDir);
   await mkdir(dir, { recursive: true });
 
-  // 1. Generate the project and its tarballs.
+  // 1. Generate the tarballs and the project.
   let t0 = performance.now();
-  const plan = planFiles(opts.totalBytes, opts.blobCount, opts.artifacts);
-  const project = await writeProject(dir, plan, opts.hugeBlobBytes, log);
+  const sources = await generateSources(dir, { ...opts, log });
+  const projectDir = join(dir, 'project');
+  const project = { projectDir, elements: await writeProject(projectDir, sources, 1), hugeBlob: sources.hugeBlob };
   const generateSeconds = elapsed(t0);
-  log(`generated ${plan.length} files, ${fmtBytes(project.fileBytes)} in ${opts.artifacts} elements` +
+  log(`generated ${sources.files} files, ${fmtBytes(sources.fileBytes)} in ${opts.artifacts} elements` +
     `${project.hugeBlob ? ` + huge.bst (${fmtBytes(project.hugeBlob.sizeBytes)})` : ''} in ${generateSeconds.toFixed(1)} s`);
+  const dropSources = async (): Promise<void> => {
+    await rm(sources.tarballDir, { recursive: true, force: true });
+    await settleDisk();
+  };
 
   const reference = await startReferenceServer({ repo: join(dir, 'reference-repo'), enablePush: true });
   try {
@@ -158,9 +150,11 @@ export async function prepareWorkload(workDir: string, opts: WorkloadOptions): P
     // The builder cache, bst's source mirror and the tarballs are no longer needed: pulls only
     // need the .bst files (the tar refs give the cache keys). Free the disk and page cache, then
     // flush what is left (the server's repo), so the first timed phase does not pay for it.
+    // With keepSources the tarballs stay for a BuildStream 2 build of the same payload.
     t0 = performance.now();
-    await Promise.all([builder, project.tarballDir].map((d) => rm(d, { recursive: true, force: true })));
-    await settleDisk();
+    await rm(builder, { recursive: true, force: true });
+    if (opts.keepSources === true) await settleDisk();
+    else await dropSources();
     const cleanupSeconds = elapsed(t0);
     log(`clean-up and disk flush: ${cleanupSeconds.toFixed(1)} s`);
 
@@ -178,12 +172,14 @@ export async function prepareWorkload(workDir: string, opts: WorkloadOptions): P
         repo: reference.repo,
         stop: () => reference.stop(),
       },
-      files: plan.length,
-      fileBytes: project.fileBytes,
+      files: sources.files,
+      fileBytes: sources.fileBytes,
       casBlobs: cas.count,
       casBytes: cas.bytes,
       ...(project.hugeBlob ? { hugeBlob: project.hugeBlob } : {}),
+      sources,
       timings: { generateSeconds, buildSeconds, pushSeconds, cleanupSeconds },
+      dropSources,
       dispose: async () => {
         await reference.stop();
         await rm(dir, { recursive: true, force: true });
@@ -247,211 +243,8 @@ export async function timeBstStartup(workload: Workload): Promise<{ seconds: num
 }
 
 // ---------------------------------------------------------------------------
-// File plan: how many files of which size, in which element
+// Small helpers
 // ---------------------------------------------------------------------------
-
-const SMALL_MIN = 1 * KiB;
-const SMALL_MAX = 64 * KiB;
-const LARGE_MIN = 256 * KiB;
-/** Large files average at most this; each is 0.5x-1.5x the average, so at most ~4.5 MiB. */
-const LARGE_MEAN_MAX = 3 * MiB;
-const LARGE_SHARE = 0.02;
-
-interface PlannedFile {
-  element: number;
-  size: number;
-}
-
-/**
- * Sizes for `count` files totalling `total` bytes: ~98% small (uniform 1-64 KiB), the rest large
- * (enough of them that they average <= 3 MiB) sharing what the small ones leave. Sizes come from
- * a fixed seed, so every run with the same options has the same shape; contents are random.
- * Files are shuffled and dealt round-robin to the elements, so each gets a similar mix.
- */
-function planFiles(total: number, count: number, elements: number): PlannedFile[] {
-  const rng = xorshift(0x5eed);
-  const meanSmall = (SMALL_MIN + SMALL_MAX) / 2;
-  let large = count > 1 ? Math.max(1, Math.round(count * LARGE_SHARE)) : 0;
-  // Fewer large files if what is left would make them tiny, more if it would make them huge.
-  while (large > 0 && total - (count - large) * meanSmall < large * LARGE_MIN) large -= 1;
-  while (large < count && total - (count - large) * meanSmall > large * LARGE_MEAN_MAX) large += 1;
-
-  const sizes: number[] = [];
-  for (let i = 0; i < count - large; i++) sizes.push(SMALL_MIN + Math.floor(rng() * (SMALL_MAX - SMALL_MIN + 1)));
-  const smallTotal = sizes.reduce((a, b) => a + b, 0);
-  const left = total - smallTotal;
-  if (large === 0 || left <= large) {
-    // Too little left for large files (tiny totals): all files small, scaled to the total.
-    for (let i = 0; i < large; i++) sizes.push(SMALL_MIN + Math.floor(rng() * (SMALL_MAX - SMALL_MIN + 1)));
-    const scale = total / sizes.reduce((a, b) => a + b, 0);
-    for (let i = 0; i < sizes.length; i++) sizes[i] = Math.max(1, Math.round((sizes[i] ?? 1) * scale));
-  } else {
-    const weights = Array.from({ length: large }, () => 0.5 + rng());
-    const weightSum = weights.reduce((a, b) => a + b, 0);
-    let given = 0;
-    weights.forEach((w, i) => {
-      const size = i === large - 1 ? left - given : Math.floor((left * w) / weightSum);
-      sizes.push(size);
-      given += size;
-    });
-  }
-  for (let i = sizes.length - 1; i > 0; i--) {
-    const j = Math.floor(rng() * (i + 1));
-    [sizes[i], sizes[j]] = [sizes[j] ?? 0, sizes[i] ?? 0];
-  }
-  return sizes.map((size, i) => ({ element: i % elements, size }));
-}
-
-/** A small deterministic PRNG in [0, 1) (xorshift32); only sizes and order depend on it. */
-function xorshift(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) / 2 ** 32;
-  };
-}
-
-// ---------------------------------------------------------------------------
-// Project and tarballs
-// ---------------------------------------------------------------------------
-
-interface GeneratedProject {
-  projectDir: string;
-  tarballDir: string;
-  elements: string[];
-  fileBytes: number;
-  hugeBlob?: Digest;
-}
-
-/**
- * Write `<dir>/project` (project.conf, elements/*.bst) and `<dir>/tarballs/*.tar`.
- *
- * Why `tar` sources and not `local` ones: a `local` source's cache key is the sha256 of every
- * file, recomputed by every `bst` invocation, so each timed `bst pull` would first re-hash the
- * whole payload (and a 2 GiB huge file) from disk; that is not pull time, and no real project
- * pays it. A `tar` source's key is its URL and ref (the tarball's sha256), so `bst pull` only
- * needs the .bst files, as with a real project. The tarballs are fetched through a project
- * alias (`tarballs:` -> file:///...), so the keys do not depend on where workDir is.
- */
-async function writeProject(dir: string, plan: PlannedFile[], hugeBlobBytes: number | undefined, log: (line: string) => void): Promise<GeneratedProject> {
-  const projectDir = join(dir, 'project');
-  const tarballDir = join(dir, 'tarballs');
-  await mkdir(join(projectDir, 'elements'), { recursive: true });
-  await mkdir(tarballDir, { recursive: true });
-  await writeFile(
-    join(projectDir, 'project.conf'),
-    [
-      `name: ${PROJECT_NAME}`,
-      'format-version: 12',
-      'element-path: elements',
-      'aliases:',
-      `  tarballs: ${JSON.stringify(`${pathToFileURL(tarballDir).href}/`)}`,
-      '',
-    ].join('\n'),
-  );
-
-  const elementCount = plan.reduce((n, f) => Math.max(n, f.element + 1), 0);
-  const elements: string[] = [];
-  let fileBytes = 0;
-  for (let e = 0; e < elementCount; e++) {
-    const name = `a${String(e).padStart(3, '0')}`;
-    // Up to 64 files per directory, so each artifact is a tree of many small Directory protos.
-    const entries: TarEntry[] = plan
-      .filter((f) => f.element === e)
-      .map((f, i) => ({
-        path: `d${String(Math.floor(i / 64)).padStart(3, '0')}/f${String(i).padStart(5, '0')}.bin`,
-        size: f.size,
-        chunks: () => randomChunks(f.size),
-      }));
-    const tar = await writeTar(join(tarballDir, `${name}.tar`), entries);
-    await writeElement(projectDir, name, tar.sha256);
-    elements.push(`${name}.bst`);
-    fileBytes += entries.reduce((n, x) => n + x.size, 0);
-    log(`  ${name}.tar: ${entries.length} files, ${fmtBytes(tar.bytes)}`);
-  }
-
-  let hugeBlob: Digest | undefined;
-  if (hugeBlobBytes !== undefined) {
-    // Streamed in 1 MiB chunks and hashed on the way: never held in memory.
-    const content = createHash('sha256');
-    const tar = await writeTar(join(tarballDir, 'huge.tar'), [{ path: 'huge.bin', size: hugeBlobBytes, chunks: () => randomChunks(hugeBlobBytes, content) }]);
-    hugeBlob = { hash: content.digest('hex'), sizeBytes: hugeBlobBytes };
-    await writeElement(projectDir, 'huge', tar.sha256);
-    elements.push('huge.bst');
-    log(`  huge.tar: 1 file, ${fmtBytes(hugeBlobBytes)}`);
-  }
-  return { projectDir, tarballDir, elements, fileBytes, ...(hugeBlob ? { hugeBlob } : {}) };
-}
-
-async function writeElement(projectDir: string, name: string, tarSha256: string): Promise<void> {
-  await writeFile(
-    join(projectDir, 'elements', `${name}.bst`),
-    [
-      'kind: import',
-      'sources:',
-      '- kind: tar',
-      `  url: tarballs:${name}.tar`,
-      `  ref: ${tarSha256}`,
-      "  base-dir: ''   # the tarball's members are the artifact's files; strip nothing",
-      '',
-    ].join('\n'),
-  );
-}
-
-/** Random bytes, `size` in total, in chunks of at most 1 MiB; each chunk also goes to `tap`. */
-async function* randomChunks(size: number, tap?: Hash): AsyncGenerator<Buffer> {
-  for (let left = size; left > 0; left -= MiB) {
-    const chunk = randomBytes(Math.min(MiB, left));
-    tap?.update(chunk);
-    yield chunk;
-  }
-}
-
-interface TarEntry {
-  /** Relative POSIX path. */
-  path: string;
-  size: number;
-  chunks: () => AsyncIterable<Buffer>;
-}
-
-/** A fixed mtime: bst ignores it, and the tarball stays a function of the contents. */
-const TAR_MTIME = new Date(1_700_000_000 * 1000);
-
-/** Writes a tarball of `entries`, streaming; returns its sha256 (the `tar` source's ref) and size. */
-async function writeTar(path: string, entries: TarEntry[]): Promise<{ sha256: string; bytes: number }> {
-  const hash = createHash('sha256');
-  let bytes = 0;
-  const pack = tar.pack();
-  async function* hashed(source: AsyncIterable<unknown>): AsyncGenerator<Buffer> {
-    for await (const data of source) {
-      const chunk = Buffer.isBuffer(data) ? data : Buffer.from(String(data));
-      hash.update(chunk);
-      bytes += chunk.length;
-      yield chunk;
-    }
-  }
-  const written = pipeline(hashed(pack), createWriteStream(path));
-  for (const entry of entries) {
-    // The entry's callback runs once its data is in the archive (or failed).
-    await new Promise<void>((resolve, reject) => {
-      const file = pack.entry({ name: entry.path, size: entry.size, mode: 0o644, mtime: TAR_MTIME, uname: 'root', gname: 'root' }, (err) => (err ? reject(err) : resolve()));
-      void (async () => {
-        for await (const chunk of entry.chunks()) if (!file.write(chunk)) await once(file, 'drain');
-        file.end(() => undefined);
-      })().catch(reject);
-    });
-  }
-  pack.finalize();
-  await written;
-  return { sha256: hash.digest('hex'), bytes };
-}
-
-// ---------------------------------------------------------------------------
-// Child processes and small helpers
-// ---------------------------------------------------------------------------
-
 
 /** Objects under a CAS `objects` directory (`<2 hex>/<62 hex>`) and their total size. */
 async function countObjects(objectsDir: string): Promise<{ count: number; bytes: number }> {
@@ -466,41 +259,6 @@ async function countObjects(objectsDir: string): Promise<{ count: number; bytes:
   return { count, bytes };
 }
 
-/**
- * Flush dirty pages to disk (`sync`). Called before every timed phase: the previous phase may have
- * left a GB of writes in the page cache, and their writeback would otherwise be charged to the
- * next phase (it stalls unlinks, and the mirror's per-blob fsyncs wait for ext4 journal commits).
- */
-export async function settleDisk(): Promise<void> {
-  const { code, stderr } = await spawnTracked('sync', []).done;
-  if (code !== 0) throw new Error(`sync exited with ${code}: ${stderr}`);
-}
-
-function validateOptions(opts: WorkloadOptions): void {
-  const positiveInt = (name: string, v: number): void => {
-    if (!Number.isSafeInteger(v) || v < 1) throw new Error(`${name} must be a positive integer, got ${v}`);
-  };
-  positiveInt('totalBytes', opts.totalBytes);
-  positiveInt('blobCount', opts.blobCount);
-  positiveInt('artifacts', opts.artifacts);
-  if (opts.hugeBlobBytes !== undefined) positiveInt('hugeBlobBytes', opts.hugeBlobBytes);
-  if (opts.artifacts > opts.blobCount) throw new Error('artifacts must not exceed blobCount (every element needs a file)');
-  if (opts.artifacts > 1000) throw new Error('at most 1000 artifacts (element names are a000..a999)');
-  if (opts.blobCount > opts.artifacts * 100_000) throw new Error('at most 100,000 files per artifact (file names are f00000..f99999)');
-}
-
 function sameList(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
-}
-
-function elapsed(t0: number): number {
-  return (performance.now() - t0) / 1000;
-}
-
-function fmtBytes(n: number): string {
-  return n >= MiB ? `${(n / MiB).toFixed(1)} MiB` : `${(n / KiB).toFixed(1)} KiB`;
-}
-
-function stderrLog(line: string): void {
-  process.stderr.write(`[bst-workloads] ${line}\n`);
 }

@@ -8,15 +8,24 @@ the same client code path as a real `bst pull`. Prints one JSON object on stdout
   loadgen.py bytestream TARGET HASH SIZE READERS SECONDS
   loadgen.py batch TARGET DIGESTS_FILE SECONDS IN_FLIGHT MAX_BATCH_BYTES
   loadgen.py findmissing TARGET DIGESTS_FILE CALLS PER_CALL
+  loadgen.py upload TARGET OBJECTS_DIR DIGESTS_FILE IN_FLIGHT
 
 DIGESTS_FILE holds one `hash size` per line. Readers and in-flight calls are threads sharing one
 channel per reader/caller; the C core does the I/O outside the GIL.
+
+`upload` loads a peer that cannot share the mirror's object files (anything casd-backed,
+bazel-remote) through its own write API: the listed blobs, read from OBJECTS_DIR/<2 hex>/<62 hex>
+(the mirror's store), go up by BatchUpdateBlobs (batches up to 1 MiB, or the server's advertised
+limit if lower) or, if larger, by ByteStream Write in 1 MiB chunks; then FindMissingBlobs must
+report none of them missing.
 """
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
+import uuid
 
 import grpc
 from buildstream._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -140,7 +149,84 @@ def findmissing(target, digests_file, calls, per_call):
     return {'p50_ms': times[len(times) // 2], 'p99_ms': times[min(len(times) - 1, int(len(times) * 0.99))]}
 
 
+def upload(target, objects_dir, digests_file, in_flight):
+    digests = read_digests(digests_file)
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    caps = re_grpc.CapabilitiesStub(channel).GetCapabilities(re_pb2.GetCapabilitiesRequest())
+    advertised = caps.cache_capabilities.max_batch_total_size_bytes
+    # Data plus per-entry framing stays under the limit; 0 means "no limit" (casd).
+    budget = min(1 << 20, advertised or (1 << 20)) - (16 << 10)
+
+    def path(d):
+        return os.path.join(objects_dir, d.hash[:2], d.hash[2:])
+
+    work, cur, size = [], [], 0
+    for d in digests:
+        if d.size_bytes > budget:
+            work.append(('write', d))
+            continue
+        if cur and (size + d.size_bytes > budget or len(cur) >= 2000):
+            work.append(('batch', cur))
+            cur, size = [], 0
+        cur.append(d)
+        size += d.size_bytes
+    if cur:
+        work.append(('batch', cur))
+    lock = threading.Lock()
+    next_item = [0]
+
+    def worker(i):
+        ch = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        cas = re_grpc.ContentAddressableStorageStub(ch)
+        bs = bytestream_pb2_grpc.ByteStreamStub(ch)
+        moved = 0
+        while True:
+            with lock:
+                if next_item[0] >= len(work):
+                    return moved
+                kind, item = work[next_item[0]]
+                next_item[0] += 1
+            if kind == 'batch':
+                requests = []
+                for d in item:
+                    with open(path(d), 'rb') as f:
+                        requests.append(re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=f.read()))
+                response = cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=requests))
+                for r in response.responses:
+                    if r.status.code != 0:
+                        raise RuntimeError('BatchUpdateBlobs %s: %d %s' % (r.digest.hash, r.status.code, r.status.message))
+                moved += sum(d.size_bytes for d in item)
+            else:
+                d = item
+                resource = 'uploads/%s/blobs/%s/%d' % (uuid.uuid4(), d.hash, d.size_bytes)
+
+                def chunks():
+                    offset = 0
+                    with open(path(d), 'rb') as f:
+                        while True:
+                            data = f.read(1 << 20)
+                            last = offset + len(data) >= d.size_bytes
+                            yield bytestream_pb2.WriteRequest(resource_name=resource if offset == 0 else '', write_offset=offset,
+                                                              finish_write=last, data=data)
+                            offset += len(data)
+                            if last:
+                                return
+                response = bs.Write(chunks())
+                if response.committed_size != d.size_bytes:
+                    raise RuntimeError('ByteStream Write %s committed %d of %d' % (d.hash, response.committed_size, d.size_bytes))
+                moved += d.size_bytes
+    start = time.monotonic()
+    moved = sum(run_threads(int(in_flight), worker))
+    seconds = time.monotonic() - start
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    for i in range(0, len(digests), 10000):
+        missing = cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=digests[i:i + 10000])).missing_blob_digests
+        if missing:
+            raise SystemExit('after upload, %d blobs are still missing, e.g. %s/%d' % (len(missing), missing[0].hash, missing[0].size_bytes))
+    return {'blobs': len(digests), 'bytes': moved, 'seconds': seconds}
+
+
 if __name__ == '__main__':
     mode, args = sys.argv[1], sys.argv[2:]
-    result = {'bytestream': bytestream, 'batch': batch, 'findmissing': findmissing}[mode](*args)
+    result = {'bytestream': bytestream, 'batch': batch, 'findmissing': findmissing, 'upload': upload}[mode](*args)
     print(json.dumps(result))

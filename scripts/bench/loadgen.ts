@@ -40,3 +40,13 @@ export async function findMissingLatency(target: string, presentList: string, ca
   const r = await run(['findmissing', target, presentList, String(calls), String(perCall)]);
   return { p50: field(r, 'p50_ms'), p99: field(r, 'p99_ms') };
 }
+
+/**
+ * Loads the listed blobs, read from `objectsDir` (a `cas/objects` directory), into `target` through
+ * its own write API (BatchUpdateBlobs, ByteStream Write), `inFlight` calls at once; then checks
+ * with FindMissingBlobs that the server has them all.
+ */
+export async function uploadBlobs(target: string, objectsDir: string, digestList: string, inFlight: number): Promise<{ blobs: number; bytes: number; seconds: number }> {
+  const r = await run(['upload', target, objectsDir, digestList, String(inFlight)]);
+  return { blobs: field(r, 'blobs'), bytes: field(r, 'bytes'), seconds: field(r, 'seconds') };
+}

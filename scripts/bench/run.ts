@@ -1,18 +1,31 @@
 /**
- * The benchmark suite: the mirror against BuildStream 1.6's reference server
- * (`buildstream._artifactcache.casserver` from Debian's `buildstream`), on the same data, in the
- * same run, both on 127.0.0.1. Never part of `npm test`.
+ * The benchmark suite: the mirror against its peers, on the same data, in the same run, all on
+ * 127.0.0.1. Never part of `npm test`. The peers:
  *
- *   npm run bench                      # everything (~6 min on 2 cores, ~8 GB of scratch disk)
- *   npm run bench -- --quick           # small sizes, to check the suite itself (~2 min)
+ * - BuildStream 1.6's reference server (`buildstream._artifactcache.casserver`, Debian's
+ *   `buildstream`); its repository links to the mirror's object files;
+ * - BuildStream 2's casd-backed server (`buildstream._cas.casserver` in the venv at
+ *   $BST2_VENV, default /opt/buildstream2), through test/fixtures/casserver.py;
+ * - buildbox-casd on its own (the one BuildStream 2 ships), serving gRPC on 127.0.0.1;
+ * - bazel-remote, if it is there or builds (`go install`, see processes.ts); if not, the report
+ *   says why.
+ *
+ * casd and bazel-remote keep their own stores, so the serving data is loaded into them through
+ * their own write API (BatchUpdateBlobs, ByteStream Write: loadgen.py `upload`).
+ *
+ *   npm run bench                      # everything (~25 min on 2 cores, ~20 GB of scratch disk)
+ *   npm run bench -- --quick           # small sizes, to check the suite itself (~4 min)
  *   npm run bench -- --skip-bst        # only the serving benchmarks (no bst build/pull)
+ *   npm run bench -- --skip-bst2       # no BuildStream 2 server, casd or bst 2 pulls
+ *   npm run bench -- --skip-bazel      # no bazel-remote (and no attempt to build it)
  *
- * Serving benchmarks use one load generator for both servers: scripts/bench/loadgen.py, the gRPC
+ * Serving benchmarks use one load generator for every server: scripts/bench/loadgen.py, the gRPC
  * C core client (python3-grpcio) and REAPI stubs BuildStream 1.6 itself uses. Sync and real-client
- * benchmarks run the real `bst` (build, push, pull). The mirror runs from the built CLI
- * (`dist/`), as users run it. Results are printed and saved under scripts/bench/results/.
+ * benchmarks run the real `bst` (1.6: build, push, pull; 2.x: build, artifact push, artifact
+ * pull). The mirror runs from the built CLI (`dist/`), as users run it. Results are printed and
+ * saved under scripts/bench/results/.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, open, rm, symlink, writeFile } from 'node:fs/promises';
@@ -24,15 +37,30 @@ import pLimit from 'p-limit';
 import type { Digest } from '../../src/cas/digest.js';
 import { DiskContentStore } from '../../src/cas/disk-store.js';
 import { silentLogger } from '../../src/log.js';
+import { bst2Available, bstAvailable } from '../../test/helpers/buildstream.js';
 import { type Workload, prepareWorkload, settleDisk, timeBstPull } from './bst-workloads.js';
-import { batchReadBlobsPerSecond, byteStreamMBps, findMissingLatency, writeDigestList } from './loadgen.js';
-import { ROOT, type RunningServer, runMirrorCli, startMirror, startReference } from './processes.js';
+import { type Bst2Workload, bst2Version, prepareBst2Workload, timeBst2Pull } from './bst2-workloads.js';
+import { batchReadBlobsPerSecond, byteStreamMBps, findMissingLatency, uploadBlobs, writeDigestList } from './loadgen.js';
+import {
+  ROOT,
+  type RunningServer,
+  casdVersion,
+  findOrBuildBazelRemote,
+  runMirrorCli,
+  spawnTracked,
+  startBazelRemote,
+  startCasd,
+  startMirror,
+  startReference,
+} from './processes.js';
 
 const MiB = 1 << 20;
 const { values: opts } = parseArgs({
   options: {
     quick: { type: 'boolean', default: false },
     'skip-bst': { type: 'boolean', default: false },
+    'skip-bst2': { type: 'boolean', default: false },
+    'skip-bazel': { type: 'boolean', default: false },
     seconds: { type: 'string' },
     rounds: { type: 'string' },
     'index-blobs': { type: 'string' },
@@ -54,14 +82,35 @@ const SYNC_BYTES = num(opts['sync-mb'], 1000, 50) * 1e6;
 const SYNC_BLOBS = num(opts['sync-blobs'], 10_000, 1000);
 const HUGE = num(opts['huge-mib'], 2048, 256) * MiB;
 
+/** The servers the mirror is compared with, in table order. */
+type PeerId = 'bst1' | 'bst2' | 'casd' | 'bazel';
+const PEER_IDS: readonly PeerId[] = ['bst1', 'bst2', 'casd', 'bazel'];
+/** Column headers (versions filled in by `main`). */
+const peerLabel: Record<PeerId, string> = { bst1: 'bst 1.6 server', bst2: 'bst 2.x server', casd: 'buildbox-casd', bazel: 'bazel-remote' };
+/** Peers that are not in this run, and why (their cells say n/a). */
+const unavailable = new Map<PeerId, string>();
+
 interface Row {
   what: string;
   unit: string;
   mirror: number;
-  reference: number | undefined;
-  /** How many times better the mirror is (direction depends on the unit). */
-  advantage: number | undefined;
+  /** The same measurement on each peer that has one. */
+  peers: Partial<Record<PeerId, number>>;
+  /** Which way is better, for the mirror-advantage ratios; omitted: no ratio (e.g. memory). */
+  better?: 'higher' | 'lower';
   note?: string;
+  /** A serving row: every available peer has a figure, the others show n/a. */
+  serving?: boolean;
+}
+
+/** Things seen during the run that the figures do not show (warnings, errors, refusals). */
+const observations: string[] = [];
+function observe(what: string, text: string, max = 5): void {
+  // casd's [INFO] start-up notes (its default cleanup threshold) are not worth reporting.
+  const lines = text.split('\n').map((l) => l.trimEnd()).filter((l) => l.trim() !== '' && !/\[INFO\]/.test(l));
+  if (lines.length === 0) return;
+  observations.push(`${what} (${lines.length} line${lines.length > 1 ? 's' : ''}${lines.length > max ? `, first ${max}` : ''}):`);
+  for (const l of lines.slice(0, max)) observations.push(`    ${l.length > 300 ? `${l.slice(0, 300)}...` : l}`);
 }
 
 const lines: string[] = [];
@@ -219,7 +268,27 @@ function fmt(n: number): string {
   return n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2);
 }
 
-async function servingBenchmarks(work: string, rows: Row[], loopback: number): Promise<void> {
+/** A peer in the serving benchmarks: how to (re)start it on its store. */
+interface ServingPeer {
+  id: PeerId;
+  /** Starts the server on its store; `load` is true for the start that receives the data. */
+  start(load: boolean): Promise<RunningServer>;
+  /** False for the 1.6 server, which links to the mirror's object files instead. */
+  needsLoad: boolean;
+  /** Its store, deleted after the serving benchmarks. */
+  dir: string;
+}
+
+/**
+ * `rm -rf` in a child: the serving stores hold millions of files, and Node's recursive `rm`
+ * keeps a pending operation per file (GBs of memory at 3 million files) and is slower.
+ */
+async function removeTree(path: string): Promise<void> {
+  const { code, stderr } = await spawnTracked('rm', ['-rf', '--', path]).done;
+  if (code !== 0) throw new Error(`rm -rf ${path} exited ${code}: ${stderr}`);
+}
+
+async function servingBenchmarks(work: string, rows: Row[], loopback: number, candidates: ServingPeer[]): Promise<void> {
   const mirrorDir = join(work, 'serving-mirror');
   const refRepo = join(work, 'serving-reference');
   progress('generating the serving data set');
@@ -228,44 +297,90 @@ async function servingBenchmarks(work: string, rows: Row[], loopback: number): P
   // FindMissing's present half: a sample spread over the whole index.
   const step = Math.max(1, Math.floor(data.tiny.length / 50_000));
   const presentList = await writeDigestList(join(work, 'present.txt'), data.tiny.filter((_, i) => i % step === 0));
+  const indexed = data.tiny.length + data.small.length + 2;
+
+  // Peers with their own store get the same blobs through their own write API, all at once
+  // (2 cores: the load times are for the record, not a benchmark).
+  const toLoad = candidates.filter((p) => p.needsLoad);
+  if (toLoad.length > 0) {
+    const allList = await writeDigestList(join(work, 'all.txt'), [data.large, data.veryLarge, ...data.small, ...data.tiny]);
+    progress(`loading ${indexed.toLocaleString('en')} blobs into ${toLoad.map((p) => peerLabel[p.id]).join(', ')} (BatchUpdateBlobs / ByteStream Write)`);
+    const loaded = await Promise.all(toLoad.map(async (p) => {
+      let server: RunningServer | undefined;
+      try {
+        server = await p.start(true);
+        const r = await uploadBlobs(server.target, join(mirrorDir, 'cas/objects'), allList, 4);
+        observe(`${peerLabel[p.id]} stderr while loading`, server.stderr(), 3);
+        return `${peerLabel[p.id]} ${r.seconds.toFixed(0)} s`;
+      } catch (err) {
+        // One peer failing to take the data leaves it out of the table, with the reason.
+        unavailable.set(p.id, `could not load the serving data: ${String(err).split('\n').slice(0, 3).join(' / ')}`);
+        return `${peerLabel[p.id]} failed`;
+      } finally {
+        await server?.stop();
+      }
+    }));
+    say(`loaded the serving data (${indexed.toLocaleString('en')} blobs, ${((data.large.sizeBytes + data.veryLarge.sizeBytes) / MiB).toFixed(0)} MiB of them in two blobs) into each peer with its own store through its write API, all at once: ${loaded.join(', ')}`);
+  }
+  const peers = candidates.filter((p) => !unavailable.has(p.id));
 
   const mirror = await startMirror(mirrorDir);
-  const reference = await startReference(refRepo);
+  const started: { id: PeerId; server: RunningServer }[] = [];
   try {
+    for (const p of peers) started.push({ id: p.id, server: await p.start(false) });
+    const all = [{ id: 'mirror' as const, server: mirror }, ...started];
     // Alternating rounds, medians: this VM's throughput drifts by tens of percent between runs.
-    const both = async (what: string, unit: string, fn: (s: RunningServer) => Promise<number>, higherIsBetter: boolean): Promise<void> => {
+    const measure = async (what: string, unit: string, fn: (s: RunningServer) => Promise<number>, better: 'higher' | 'lower'): Promise<Row> => {
       progress(what);
-      const ms: number[] = [];
-      const rs: number[] = [];
+      const got = new Map<string, number[]>(all.map((x) => [x.id, []]));
       for (let round = 0; round < ROUNDS; round++) {
-        ms.push(await fn(mirror));
-        rs.push(await fn(reference));
+        for (const x of all) got.get(x.id)?.push(await fn(x.server));
       }
-      const m = median(ms);
-      const r = median(rs);
-      rows.push({ what, unit, mirror: m, reference: r, advantage: higherIsBetter ? m / r : r / m, note: `${spread(ms)} vs ${spread(rs)}` });
+      const ms = got.get('mirror') ?? [];
+      const row: Row = { what, unit, mirror: median(ms), peers: {}, better, serving: true };
+      for (const x of started) row.peers[x.id] = median(got.get(x.id) ?? []);
+      if (ROUNDS > 1) row.note = `min-max: ${all.map((x) => `${x.id === 'mirror' ? 'mirror' : shortLabel(x.id)} ${spread(got.get(x.id) ?? [])}`).join(', ')}`;
+      rows.push(row);
+      return row;
     };
-    const ofLoopback = (mbps: number): string => `${((mbps / loopback) * 100).toFixed(0)}% of loopback`;
+    const ofLoopback = (mbps: number): string => `mirror ${((mbps / loopback) * 100).toFixed(0)}% of loopback`;
     for (const [blob, label] of [[data.large, '64 MiB'], [data.veryLarge, `${VERY_LARGE / MiB} MiB`]] as const) {
       for (const readers of [1, 8]) {
-        await both(`ByteStream Read ${label} blob, ${readers} reader${readers > 1 ? 's' : ''}`, 'MB/s', (s) => byteStreamMBps(s.target, blob, readers, SECONDS), true);
-        const row = rows[rows.length - 1];
-        if (row) row.note = `${ofLoopback(row.mirror)}; ${row.note ?? ''}`;
+        const row = await measure(`ByteStream Read ${label} blob, ${readers} reader${readers > 1 ? 's' : ''}`, 'MB/s', (s) => byteStreamMBps(s.target, blob, readers, SECONDS), 'higher');
+        row.note = `${ofLoopback(row.mirror)}${row.note ? `; ${row.note}` : ''}`;
       }
     }
-    await both('BatchReadBlobs, 1-64 KiB blobs, 4 calls in flight', 'blobs/s', (s) => batchReadBlobsPerSecond(s.target, smallList, SECONDS, 4, MiB), true);
+    await measure('BatchReadBlobs, 1-64 KiB blobs, 4 calls in flight', 'blobs/s', (s) => batchReadBlobsPerSecond(s.target, smallList, SECONDS, 4, MiB), 'higher');
     progress('FindMissingBlobs');
-    const fm = { mirror: await findMissingLatency(mirror.target, presentList, 100, 10_000), reference: await findMissingLatency(reference.target, presentList, 100, 10_000) };
-    const indexed = data.tiny.length + data.small.length + 2;
-    rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p50`, unit: 'ms', mirror: fm.mirror.p50, reference: fm.reference.p50, advantage: fm.reference.p50 / fm.mirror.p50 });
-    rows.push({ what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, p99`, unit: 'ms', mirror: fm.mirror.p99, reference: fm.reference.p99, advantage: fm.reference.p99 / fm.mirror.p99 });
-    rows.push({ what: `Start-up to listening, ${indexed.toLocaleString('en')} blobs stored`, unit: 'ms', mirror: mirror.startupMs, reference: reference.startupMs, advantage: reference.startupMs / mirror.startupMs });
-    rows.push({ what: 'Mirror peak RSS over all serving benchmarks above', unit: 'MiB', mirror: await mirror.peakRssMiB(), reference: await reference.peakRssMiB(), advantage: undefined });
+    const fm = new Map<string, { p50: number; p99: number }>();
+    for (const x of all) fm.set(x.id, await findMissingLatency(x.server.target, presentList, 100, 10_000));
+    for (const q of ['p50', 'p99'] as const) {
+      const row: Row = { what: `FindMissingBlobs 10,000 digests, ${indexed.toLocaleString('en')} stored, ${q}`, unit: 'ms', mirror: fm.get('mirror')?.[q] ?? NaN, peers: {}, better: 'lower', serving: true };
+      for (const x of started) row.peers[x.id] = fm.get(x.id)?.[q] ?? NaN;
+      rows.push(row);
+    }
+    const startRow: Row = { what: `Start-up to listening, ${indexed.toLocaleString('en')} blobs stored`, unit: 'ms', mirror: mirror.startupMs, peers: {}, better: 'lower', serving: true };
+    if (started.some((x) => x.id === 'casd' || x.id === 'bazel')) startRow.note = 'casd and bazel-remote print nothing when ready: until their port accepts a TCP connection';
+    const rssRow: Row = { what: 'Peak RSS over all serving benchmarks above', unit: 'MiB', mirror: await mirror.peakRssMiB(), peers: {}, serving: true };
+    for (const x of started) {
+      startRow.peers[x.id] = x.server.startupMs;
+      rssRow.peers[x.id] = await x.server.peakRssMiB();
+    }
+    if (started.some((x) => x.id === 'bst2')) rssRow.note = 'bst 2.x server: its python process plus its buildbox-casd';
+    rows.push(startRow, rssRow);
+    observe('mirror stderr during the serving benchmarks', mirror.stderr());
+    for (const x of started) observe(`${peerLabel[x.id]} stderr during the serving benchmarks`, x.server.stderr());
   } finally {
     await mirror.stop();
-    await reference.stop();
+    for (const x of started) await x.server.stop();
     await rm(join(refRepo, 'cas/objects'), { force: true });
+    // Frees the disk (and page cache) for the BuildStream benchmarks.
+    for (const dir of [mirrorDir, refRepo, ...candidates.map((p) => p.dir)]) await removeTree(dir);
   }
+}
+
+function shortLabel(id: PeerId): string {
+  return { bst1: '1.6', bst2: '2.x', casd: 'casd', bazel: 'bazel-remote' }[id];
 }
 
 /** Drops the huge element from a workload, for the sync and pull comparisons. */
@@ -277,15 +392,25 @@ async function withoutHuge(w: Workload): Promise<Workload> {
   return { ...w, elements, refs, refsFile };
 }
 
-async function bstBenchmarks(work: string, rows: Row[]): Promise<void> {
+async function bstBenchmarks(work: string, rows: Row[], withBst2: boolean): Promise<void> {
   progress(`preparing the BuildStream workload: ~${(SYNC_BYTES / 1e6).toFixed(0)} MB in ~${SYNC_BLOBS} files + one ${HUGE / MiB} MiB file (bst build + push)`);
-  const full = await prepareWorkload(join(work, 'bst'), { totalBytes: SYNC_BYTES, blobCount: SYNC_BLOBS, artifacts: 8, hugeBlobBytes: HUGE, log: progress });
+  const full = await prepareWorkload(join(work, 'bst'), { totalBytes: SYNC_BYTES, blobCount: SYNC_BLOBS, artifacts: 8, hugeBlobBytes: HUGE, log: progress, keepSources: withBst2 });
+  let w2: Bst2Workload | undefined;
   try {
+    if (withBst2) {
+      // The same tarballs, without the huge one, built and pushed by BuildStream 2.
+      progress('preparing the BuildStream 2 workload from the same tarballs (bst build + artifact push to the 2.x server)');
+      try {
+        w2 = await prepareBst2Workload(join(work, 'bst2'), full.sources, full.sources.elements.filter((e) => e.name !== 'huge'), progress);
+      } finally {
+        await full.dropSources();
+      }
+    }
     const w = await withoutHuge(full);
     const hugeRefs = full.refs.filter((r) => !w.refs.includes(r));
     const scale = `${w.elements.length} artifacts, ${(w.fileBytes / 1e6).toFixed(0)} MB in ${w.files.toLocaleString('en')} files`;
     const mirrorDir = join(work, 'bst-mirror');
-    const syncArgs = (refsFile: string): string[] => ['sync', '--dir', mirrorDir, '--upstream', full.reference.url, '--refs-file', refsFile, '--log-level', 'error'];
+    const syncArgs = (refsFile: string, upstream = full.reference.url, dir = mirrorDir): string[] => ['sync', '--dir', dir, '--upstream', upstream, '--refs-file', refsFile, '--log-level', 'error'];
     const pullRef: number[] = [];
     const pullRefDurable: number[] = [];
     const syncs: { seconds: number; peakRssMiB: number }[] = [];
@@ -309,9 +434,9 @@ async function bstBenchmarks(work: string, rows: Row[]): Promise<void> {
     }
     const syncSeconds = syncs.map((x) => x.seconds);
     const sync = median(syncSeconds);
-    rows.push({ what: `Sync ${scale} from the reference server (mirror sync vs bst pull)`, unit: 's', mirror: sync, reference: median(pullRef), advantage: median(pullRef) / sync, note: `${spread(syncSeconds)} vs ${spread(pullRef)}; sync peak RSS ${fmt(Math.max(...syncs.map((x) => x.peakRssMiB)))} MiB` });
-    rows.push({ what: 'The same, with bst pull\'s writes flushed to disk (both durable)', unit: 's', mirror: sync, reference: median(pullRefDurable), advantage: median(pullRefDurable) / sync, note: `${spread(syncSeconds)} vs ${spread(pullRefDurable)}` });
-    rows.push({ what: `No-op sync of the same ${w.refs.length} refs (${full.casBlobs.toLocaleString('en')} blobs on the server)`, unit: 's', mirror: median(noops), reference: undefined, advantage: undefined, note: spread(noops) });
+    rows.push({ what: `Sync ${scale} from the 1.6 server (mirror sync vs bst 1.6 pull)`, unit: 's', mirror: sync, peers: { bst1: median(pullRef) }, better: 'lower', note: `${spread(syncSeconds)} vs ${spread(pullRef)}; sync peak RSS ${fmt(Math.max(...syncs.map((x) => x.peakRssMiB)))} MiB` });
+    rows.push({ what: 'The same, with bst pull\'s writes flushed to disk (both durable)', unit: 's', mirror: sync, peers: { bst1: median(pullRefDurable) }, better: 'lower', note: `${spread(syncSeconds)} vs ${spread(pullRefDurable)}` });
+    rows.push({ what: `No-op sync of the same ${w.refs.length} refs (${full.casBlobs.toLocaleString('en')} blobs on the server)`, unit: 's', mirror: median(noops), peers: {}, note: spread(noops) });
 
     const mirror = await startMirror(mirrorDir);
     const pullMirror: number[] = [];
@@ -325,24 +450,117 @@ async function bstBenchmarks(work: string, rows: Row[]): Promise<void> {
     } finally {
       await mirror.stop();
     }
-    rows.push({ what: `bst pull ${scale}: from the mirror vs from the reference server`, unit: 's', mirror: median(pullMirror), reference: median(pullRefAgain), advantage: median(pullRefAgain) / median(pullMirror), note: `${spread(pullMirror)} vs ${spread(pullRefAgain)}` });
+    observe('mirror stderr during bst 1.6 pulls', mirror.stderr());
+    rows.push({ what: `bst 1.6 pull ${scale}: from the mirror vs from the 1.6 server`, unit: 's', mirror: median(pullMirror), peers: { bst1: median(pullRefAgain) }, better: 'lower', note: `${spread(pullMirror)} vs ${spread(pullRefAgain)}` });
+
+    if (w2) await bst2Benchmarks(work, rows, w2, scale);
 
     if (!full.hugeBlob) throw new Error('the workload has no huge blob');
     progress(`sync and serve of the ${HUGE / MiB} MiB blob`);
     const hugeRefsFile = join(work, 'huge-refs.txt');
     await writeFile(hugeRefsFile, `${hugeRefs.join('\n')}\n`);
     const hugeSync = await runMirrorCli(syncArgs(hugeRefsFile), work);
-    rows.push({ what: `Mirror peak RSS syncing an artifact with one ${HUGE / MiB} MiB file`, unit: 'MiB', mirror: hugeSync.peakRssMiB, reference: undefined, advantage: undefined });
+    rows.push({ what: `Mirror peak RSS syncing an artifact with one ${HUGE / MiB} MiB file`, unit: 'MiB', mirror: hugeSync.peakRssMiB, peers: {} });
     const server = await startMirror(mirrorDir);
     try {
       const mbps = await byteStreamMBps(server.target, full.hugeBlob, 1, 1);
-      rows.push({ what: `Mirror peak RSS serving the ${HUGE / MiB} MiB blob (ByteStream, 1 reader)`, unit: 'MiB', mirror: await server.peakRssMiB(), reference: undefined, advantage: undefined, note: `${fmt(mbps)} MB/s` });
+      rows.push({ what: `Mirror peak RSS serving the ${HUGE / MiB} MiB blob (ByteStream, 1 reader)`, unit: 'MiB', mirror: await server.peakRssMiB(), peers: {}, note: `${fmt(mbps)} MB/s` });
     } finally {
       await server.stop();
     }
   } finally {
+    await w2?.dispose();
     await full.dispose();
   }
+}
+
+/**
+ * BuildStream 2: `bst-cache-mirror sync` of the bst 2 artifacts from the 2.x server into an empty
+ * mirror vs `bst artifact pull --deps all` from that server into an empty cachedir; then the
+ * same pull from `bst-cache-mirror serve` vs from the 2.x server, alternating.
+ */
+async function bst2Benchmarks(work: string, rows: Row[], w2: Bst2Workload, scale: string): Promise<void> {
+  const mirrorDir = join(work, 'bst2-mirror');
+  const syncArgs = ['sync', '--dir', mirrorDir, '--upstream', w2.server.url, '--refs-file', w2.namesFile, '--log-level', 'error'];
+  const pullServer: number[] = [];
+  const syncs: { seconds: number; peakRssMiB: number }[] = [];
+  const warnings = new Map<string, string[]>();
+  const pull = async (from: string, url: string): Promise<number> => {
+    const r = await timeBst2Pull(w2, url);
+    if (r.warnings.length > 0) warnings.set(from, [...(warnings.get(from) ?? []), ...r.warnings]);
+    return r.seconds;
+  };
+  for (let round = 0; round < ROUNDS; round++) {
+    progress(`round ${round + 1}/${ROUNDS}: bst ${w2.version} artifact pull from the 2.x server, then sync from it`);
+    pullServer.push(await pull('the 2.x server', w2.server.url));
+    await rm(mirrorDir, { recursive: true, force: true });
+    await settleDisk();
+    syncs.push(await runMirrorCli(syncArgs, work));
+  }
+  const syncSeconds = syncs.map((x) => x.seconds);
+  rows.push({
+    what: `Sync ${scale} from the 2.x server (mirror sync vs bst ${w2.version} artifact pull)`, unit: 's', mirror: median(syncSeconds), peers: { bst2: median(pullServer) }, better: 'lower',
+    note: `${spread(syncSeconds)} vs ${spread(pullServer)}; sync peak RSS ${fmt(Math.max(...syncs.map((x) => x.peakRssMiB)))} MiB`,
+  });
+
+  const mirror = await startMirror(mirrorDir);
+  const pullMirror: number[] = [];
+  const pullServerAgain: number[] = [];
+  try {
+    for (let round = 0; round < ROUNDS; round++) {
+      progress(`round ${round + 1}/${ROUNDS}: bst ${w2.version} artifact pull from the mirror and from the 2.x server`);
+      pullMirror.push(await pull('the mirror', mirror.url));
+      pullServerAgain.push(await pull('the 2.x server', w2.server.url));
+    }
+  } finally {
+    await mirror.stop();
+  }
+  observe(`mirror stderr during bst ${w2.version} pulls`, mirror.stderr());
+  for (const [from, lines] of warnings) observe(`bst ${w2.version} artifact pull from ${from} warned`, lines.join('\n'));
+  rows.push({
+    what: `bst ${w2.version} artifact pull --deps all, ${scale}: from the mirror vs from the 2.x server`, unit: 's', mirror: median(pullMirror), peers: { bst2: median(pullServerAgain) }, better: 'lower',
+    note: `${spread(pullMirror)} vs ${spread(pullServerAgain)}`,
+  });
+}
+
+/** The serving peers of this run; the ones missing are recorded in `unavailable` with the reason. */
+async function servingPeers(work: string): Promise<ServingPeer[]> {
+  const peers: ServingPeer[] = [];
+  if (bstAvailable()) {
+    peerLabel.bst1 = `bst ${spawnSync('bst', ['--version'], { encoding: 'utf8', timeout: 60_000 }).stdout.trim() || '1.6'} server`;
+    const repo = join(work, 'serving-reference');
+    peers.push({ id: 'bst1', needsLoad: false, dir: repo, start: () => startReference(repo) });
+  } else {
+    unavailable.set('bst1', 'BuildStream 1.6 is not installed (apt-get install -y buildstream)');
+  }
+  if (opts['skip-bst2']) {
+    unavailable.set('bst2', '--skip-bst2');
+    unavailable.set('casd', '--skip-bst2');
+  } else if (!bst2Available()) {
+    const why = `no BuildStream 2 venv at ${process.env['BST2_VENV'] ?? '/opt/buildstream2'} (set BST2_VENV)`;
+    unavailable.set('bst2', why);
+    unavailable.set('casd', why);
+  } else {
+    peerLabel.bst2 = `bst ${bst2Version()} server`;
+    peerLabel.casd = `buildbox-casd ${await casdVersion()}`;
+    const repo = join(work, 'serving-bst2');
+    // Push only while loading; served read-only like every other peer.
+    peers.push({ id: 'bst2', needsLoad: true, dir: repo, start: (load) => startReference(repo, { bst: 2, enablePush: load }) });
+    const casdDir = join(work, 'serving-casd');
+    peers.push({ id: 'casd', needsLoad: true, dir: casdDir, start: () => startCasd(casdDir) });
+  }
+  if (opts['skip-bazel']) {
+    unavailable.set('bazel', '--skip-bazel');
+  } else {
+    const found = await findOrBuildBazelRemote(progress);
+    if ('error' in found) {
+      unavailable.set('bazel', found.error);
+    } else {
+      const dir = join(work, 'serving-bazel-remote');
+      peers.push({ id: 'bazel', needsLoad: true, dir, start: () => startBazelRemote(found.bin, dir) });
+    }
+  }
+  return peers;
 }
 
 async function main(): Promise<void> {
@@ -365,22 +583,39 @@ async function main(): Promise<void> {
     say(`limits: loopback TCP ${fmt(loopback)} MB/s (one socket); disk sequential read ${diskCold === undefined ? 'n/a' : fmt(diskCold)} MB/s cold, ${fmt(diskWarm ?? 0)} MB/s from page cache;`);
     say(`        disk sequential write ${fmt(writes.mbps)} MB/s (ending in fdatasync); ${fmt(writes.smallFilesPerSecond)} files/s creating, writing and fdatasyncing 32 KiB files one at a time`);
 
-    await servingBenchmarks(work, rows, loopback);
-    if (!opts['skip-bst']) await bstBenchmarks(work, rows);
+    const peers = await servingPeers(work);
+    say(`peers: ${PEER_IDS.map((id) => `${peerLabel[id]}${unavailable.has(id) ? ` (not in this run: ${unavailable.get(id) ?? ''})` : ''}`).join('; ')}`);
+    say('note: 2 cores shared with other work (tests running concurrently); figures are noisy.');
+
+    await servingBenchmarks(work, rows, loopback, peers);
+    if (!opts['skip-bst']) await bstBenchmarks(work, rows, !unavailable.has('bst2'));
 
     say('');
-    say('| benchmark | unit | mirror | reference server | mirror advantage | note |');
-    say('| --- | --- | ---: | ---: | ---: | --- |');
+    say(`| benchmark | unit | mirror | ${PEER_IDS.map((id) => peerLabel[id]).join(' | ')} | note |`);
+    say(`| --- | --- | ---: | ${PEER_IDS.map(() => '---:').join(' | ')} | --- |`);
     for (const r of rows) {
-      say(`| ${r.what} | ${r.unit} | ${fmt(r.mirror)} | ${r.reference === undefined ? '' : fmt(r.reference)} | ${r.advantage === undefined ? '' : `${r.advantage.toFixed(2)}x`} | ${r.note ?? ''} |`);
+      const cells = PEER_IDS.map((id) => {
+        const v = r.peers[id];
+        if (v === undefined) return r.serving === true && unavailable.has(id) ? 'n/a' : '';
+        const ratio = r.better === undefined ? '' : ` (${(r.better === 'higher' ? r.mirror / v : v / r.mirror).toFixed(2)}x)`;
+        return `${fmt(v)}${ratio}`;
+      });
+      say(`| ${r.what} | ${r.unit} | ${fmt(r.mirror)} | ${cells.join(' | ')} | ${r.note ?? ''} |`);
     }
     say('');
-    say('mirror advantage: mirror/reference for rates, reference/mirror for times; > 1 means the mirror is better.');
+    say('(N.NNx) after a peer\'s figure: the mirror\'s advantage over that peer, mirror/peer for rates, peer/mirror for times; > 1 means the mirror is better.');
+    say('Each figure is the median of the rounds; notes give min-max per server. Serving peers all hold the same blobs; the 1.6 server reads the');
+    say('mirror\'s own object files, the others their own copies loaded through their write APIs.');
+    if (observations.length > 0) {
+      say('');
+      say('observed during the run:');
+      for (const o of observations) say(`  ${o}`);
+    }
     const out = join(ROOT, 'scripts/bench/results', `${new Date().toISOString().replace(/[:.]/g, '-')}${quick ? '-quick' : ''}.txt`);
     await writeFile(out, `${lines.join('\n')}\n`);
     process.stdout.write(`saved ${out}\n`);
   } finally {
-    await rm(work, { recursive: true, force: true });
+    await removeTree(work);
   }
 }
 
