@@ -141,3 +141,21 @@ export function parseResourceName(name: string, kind: 'read' | 'write'): Resourc
 export function readResourceName(instanceName: string, d: Digest): string {
   return `${instanceName ? `${instanceName}/` : ''}blobs/${d.hash}/${d.sizeBytes}`;
 }
+
+/** Splits digests, in order, into groups of at most `budget` bytes (a larger blob alone). */
+export function groupBySize(digests: readonly Digest[], budget: number): Digest[][] {
+  const groups: Digest[][] = [];
+  let current: Digest[] = [];
+  let bytes = 0;
+  for (const d of digests) {
+    if (current.length > 0 && bytes + d.sizeBytes > budget) {
+      groups.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(d);
+    bytes += d.sizeBytes;
+  }
+  if (current.length > 0) groups.push(current);
+  return groups;
+}

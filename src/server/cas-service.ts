@@ -8,7 +8,7 @@ import {
   Directory as DirectoryMessage,
 } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { ContentStore } from '../cas/content-store.js';
-import { type Digest, digestKey, fromWire, toWire } from '../cas/digest.js';
+import { type Digest, digestKey, fromWire, groupBySize, toWire } from '../cas/digest.js';
 import { checkMessageSize } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
@@ -154,24 +154,6 @@ export class CasService {
     }
     if (page.length > 0 || start >= position) await flush('');
   }
-}
-
-/** Splits digests, in order, into groups of at most `budget` bytes (a larger blob alone). */
-function groupBySize(digests: readonly Digest[], budget: number): Digest[][] {
-  const groups: Digest[][] = [];
-  let current: Digest[] = [];
-  let bytes = 0;
-  for (const d of digests) {
-    if (current.length > 0 && bytes + d.sizeBytes > budget) {
-      groups.push(current);
-      current = [];
-      bytes = 0;
-    }
-    current.push(d);
-    bytes += d.sizeBytes;
-  }
-  if (current.length > 0) groups.push(current);
-  return groups;
 }
 
 function decodeDirectory(data: Buffer, digest: Digest): Directory {

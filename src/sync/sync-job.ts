@@ -2,7 +2,7 @@ import pLimit from 'p-limit';
 import type { Logger } from 'pino';
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
 import { type Roots, artifactRoots, checkMessageSize, parseDirectory, sourceRoots, uniqueDigests } from '../cas/closure.js';
-import { type Digest, EMPTY_DIGEST, digestKey } from '../cas/digest.js';
+import { type Digest, EMPTY_DIGEST, digestKey, groupBySize } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
 import type { Upstream } from '../remote/upstream.js';
@@ -316,24 +316,8 @@ class ClosureFetcher {
    */
   private async transfer(missing: readonly Digest[], maxBatchBytes: number, priority: boolean, share?: BacklogShare): Promise<void> {
     if (missing.length === 0) return;
-    const batches: Digest[][] = [];
-    const large: Digest[] = [];
-    let current: Digest[] = [];
-    let currentBytes = 0;
-    for (const d of missing) {
-      if (d.sizeBytes > maxBatchBytes) {
-        large.push(d);
-        continue;
-      }
-      if (currentBytes + d.sizeBytes > maxBatchBytes && current.length > 0) {
-        batches.push(current);
-        current = [];
-        currentBytes = 0;
-      }
-      current.push(d);
-      currentBytes += d.sizeBytes;
-    }
-    if (current.length > 0) batches.push(current);
+    const large = missing.filter((d) => d.sizeBytes > maxBatchBytes);
+    const batches = groupBySize(missing.filter((d) => d.sizeBytes <= maxBatchBytes), maxBatchBytes);
     const track = (digestsOf: readonly Digest[], stream: boolean, run: (still: Digest[]) => Promise<void>): Promise<void> => {
       const done = this.transfers.run({ priority, stream }, async () => {
         share?.release(digestsOf.length);
