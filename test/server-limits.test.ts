@@ -10,6 +10,7 @@ import { DiskContentStore } from '../src/cas/disk-store.js';
 import { BatchReadBlobsRequest, Directory, FindMissingBlobsRequest } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { ReadRequest } from '../src/gen/google/bytestream/bytestream.js';
 import { silentLogger } from '../src/log.js';
+import { IdleCollector } from '../src/server/idle-gc.js';
 import { LimitLog } from '../src/server/limit-log.js';
 import { SendBudget } from '../src/server/send-budget.js';
 import { MirrorServer, type ServeLimits } from '../src/server/server.js';
@@ -260,4 +261,26 @@ test('a limit is logged once per episode: a warning at the first hit, a summary 
   assert.equal(lines.length, 3, 'a new episode starts with a new warning');
   limits.close();
   assert.equal(lines[3]?.hits, 1);
+});
+
+test('after a burst, one full collection runs once the send budget has stood empty and unused for a period', async () => {
+  const gauge = { inUse: 0, totalGranted: 0 };
+  const collector = new IdleCollector(gauge, 10, 64 * MiB);
+  try {
+    gauge.totalGranted = 10 * MiB; // a small burst: not worth a collection
+    await until(() => collector.checks >= 3, 'three checks');
+    assert.equal(collector.collections, 0);
+    gauge.totalGranted = 200 * MiB; // a large burst, still holding the budget
+    gauge.inUse = MiB;
+    const checks = collector.checks;
+    await until(() => collector.checks >= checks + 3, 'three more checks');
+    assert.equal(collector.collections, 0, 'no collection while the budget is in use');
+    gauge.inUse = 0;
+    await until(() => collector.collections === 1, 'a collection once quiet');
+    const after = collector.checks;
+    await until(() => collector.checks >= after + 3, 'three more checks');
+    assert.equal(collector.collections, 1, 'one collection per burst');
+  } finally {
+    collector.close();
+  }
 });

@@ -4,6 +4,7 @@
  * /proc/PID/clear_refs) and its resident set after the burst, once every client is gone.
  *
  *   node --import tsx scripts/bench/serve-memory.ts [--no-build] [--quick] [--serve-arg=--flag=value …] [--cli PATH]
+ *                                                    [--scenario readers|paused-grpc|paused-h2|oversized|idle …]
  *
  * Scenarios, one after another against one serve process:
  * - readers: 200 concurrent ByteStream reads of a 64 MiB blob (over 50 connections) while 4
@@ -12,13 +13,16 @@
  *   then cancelled;
  * - paused (h2, zero window): 300 reads over raw HTTP/2 whose stream window is 0, so the server
  *   cannot send a byte, held, then cancelled;
- * - oversized requests: 20 concurrent FindMissingBlobs requests of 60 MiB each.
+ * - oversized requests: 20 concurrent FindMissingBlobs requests of 60 MiB each;
+ * - idle connections: 2000 clients make one call each and stay connected; the open file
+ *   descriptors of the serve process are counted then and after the settling time (pass
+ *   `--serve-arg=--idle-timeout=5` to see them closed within it).
  *
  * Clients run in this process; only the serve process is measured.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import http2 from 'node:http2';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -46,6 +50,8 @@ const { values: args } = parseArgs({
     hold: { type: 'string' },
     settle: { type: 'string' },
     'find-missing-loops': { type: 'string' },
+    /** Run only these scenarios (readers, paused-grpc, paused-h2, oversized, idle), e.g. each in a fresh process. */
+    scenario: { type: 'string', multiple: true },
   },
 });
 const quick = args.quick;
@@ -57,6 +63,7 @@ const PAUSED_PER_CONNECTION = 10;
 const FIND_MISSING_LOOPS = Number(args['find-missing-loops'] ?? 4);
 const FIND_MISSING_DIGESTS = 10_000;
 const OVERSIZED = quick ? 5 : 20;
+const IDLE_CONNECTIONS = quick ? 200 : 2000;
 const OVERSIZED_BYTES = 60 * MiB;
 /** Seconds paused readers are held open before they cancel. */
 const HOLD_S = Number(args.hold ?? (quick ? 3 : 10));
@@ -319,6 +326,25 @@ async function oversizedScenario(address: string): Promise<string> {
   }
 }
 
+async function openFds(pid: number): Promise<number> {
+  return (await readdir(`/proc/${pid}/fd`)).length;
+}
+
+async function idleScenario(serve: Serve): Promise<string> {
+  const fdsBefore = await openFds(serve.pid);
+  const clients = Array.from({ length: IDLE_CONNECTIONS }, () => rawClient(serve.address));
+  try {
+    const empty = Buffer.alloc(0);
+    const outcomes = await Promise.all(clients.map((c) => rawUnary(c, '/build.bazel.remote.execution.v2.Capabilities/GetCapabilities', empty, 60_000)));
+    const fdsConnected = await openFds(serve.pid);
+    await sleep(SETTLE_S * 1000);
+    const fdsLater = await openFds(serve.pid);
+    return `calls: ${countOutcomes(outcomes)}; serve's open fds: ${fdsBefore} before, ${fdsConnected} connected, ${fdsLater} ${SETTLE_S} s later`;
+  } finally {
+    for (const c of clients) c.close();
+  }
+}
+
 /** The serve process's log lines at warn and above, counted by message. */
 function logSummary(stderr: string): string[] {
   const counts = new Map<string, number>();
@@ -346,10 +372,14 @@ async function main(): Promise<void> {
     const rows: Row[] = [];
     try {
       await sleep(1000);
-      rows.push(await measure(serve, `${READERS} readers of ${BLOB_BYTES / MiB} MiB + FindMissingBlobs`, () => readersScenario(serve.address, blob, present)));
-      rows.push(await measure(serve, `${PAUSED} paused readers (grpc-js)`, () => pausedGrpcScenario(serve.address, blob)));
-      rows.push(await measure(serve, `${PAUSED} paused readers (h2, zero window)`, () => pausedH2Scenario(serve.address, blob)));
-      rows.push(await measure(serve, `${OVERSIZED} requests of ${OVERSIZED_BYTES / MiB} MiB`, () => oversizedScenario(serve.address)));
+      const wanted = (name: string): boolean => args.scenario === undefined || args.scenario.includes(name);
+      if (wanted('readers')) {
+        rows.push(await measure(serve, `${READERS} readers of ${BLOB_BYTES / MiB} MiB + FindMissingBlobs`, () => readersScenario(serve.address, blob, present)));
+      }
+      if (wanted('paused-grpc')) rows.push(await measure(serve, `${PAUSED} paused readers (grpc-js)`, () => pausedGrpcScenario(serve.address, blob)));
+      if (wanted('paused-h2')) rows.push(await measure(serve, `${PAUSED} paused readers (h2, zero window)`, () => pausedH2Scenario(serve.address, blob)));
+      if (wanted('oversized')) rows.push(await measure(serve, `${OVERSIZED} requests of ${OVERSIZED_BYTES / MiB} MiB`, () => oversizedScenario(serve.address)));
+      if (wanted('idle')) rows.push(await measure(serve, `${IDLE_CONNECTIONS} idle connections`, () => idleScenario(serve)));
     } finally {
       await serve.stop();
     }

@@ -37,7 +37,12 @@ function refusedAsTooLarge(stream: CallStream): string | undefined {
   const sent = stream.sentHeaders;
   if (sent === undefined || Number(sent['grpc-status']) !== grpc.status.RESOURCE_EXHAUSTED) return undefined;
   const message = sent['grpc-message'];
-  return typeof message === 'string' ? decodeURIComponent(message) : 'request too large';
+  if (typeof message !== 'string') return 'request too large';
+  try {
+    return decodeURIComponent(message);
+  } catch {
+    return message;
+  }
 }
 
 /**

@@ -49,11 +49,6 @@ export class LimitLog {
     this.episodes.set(limit, { hits: 1, startedAt: now, lastHitAt: now, timer });
   }
 
-  /** True while an episode of `limit` is going on. */
-  active(limit: LimitName): boolean {
-    return this.episodes.has(limit);
-  }
-
   /** Ends every episode (logging their summaries), e.g. at shutdown. */
   close(): void {
     for (const limit of [...this.episodes.keys()]) this.end(limit);

@@ -229,6 +229,7 @@ export class ResponseWriter<Res> {
         this.budget.release(latest.bytes);
       }
       // Wait for budget; the latest message being written meanwhile ends the wait, so its room is used.
+      const contended = this.budget.waiting > 0 || this.budget.inUse + want > this.budget.capacity;
       const waiting = new AbortController();
       const stop = (): void => waiting.abort();
       this.endSignal.signal.addEventListener('abort', stop, { once: true });
@@ -237,6 +238,10 @@ export class ResponseWriter<Res> {
       this.endSignal.signal.removeEventListener('abort', stop);
       if (this.wakeRoom === stop) this.wakeRoom = undefined;
       if (granted > 0) {
+        // Room freed by cancelled calls comes in bursts (a client closing many streams at once);
+        // letting the events already received run first means no chunk is read for a call whose
+        // cancellation is among them.
+        if (contended) await new Promise((resolve) => setImmediate(resolve));
         if (!this.ended) return this.hold(granted);
         this.budget.release(granted);
         return undefined;
