@@ -13,8 +13,9 @@
  * casd and bazel-remote keep their own stores, so the serving data is loaded into them through
  * their own write API (BatchUpdateBlobs, ByteStream Write: loadgen.py `upload`).
  *
- *   npm run bench                      # everything (~25 min on 2 cores, ~20 GB of scratch disk)
- *   npm run bench -- --quick           # small sizes, to check the suite itself (~4 min)
+ *   npm run bench                      # everything (~47 min on 2 busy cores, ~7 of them loading the
+ *                                      # casd stores; ~20 GB of scratch disk, ~3M files)
+ *   npm run bench -- --quick           # small sizes, to check the suite itself (~4-8 min)
  *   npm run bench -- --skip-bst        # only the serving benchmarks (no bst build/pull)
  *   npm run bench -- --skip-bst2       # no BuildStream 2 server, casd or bst 2 pulls
  *   npm run bench -- --skip-bazel      # no bazel-remote (and no attempt to build it)
