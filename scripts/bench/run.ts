@@ -607,6 +607,17 @@ async function main(): Promise<void> {
     say('(N.NNx) after a peer\'s figure: the mirror\'s advantage over that peer, mirror/peer for rates, peer/mirror for times; > 1 means the mirror is better.');
     say('Each figure is the median of the rounds; notes give min-max per server. Serving peers all hold the same blobs; the 1.6 server reads the');
     say('mirror\'s own object files, the others their own copies loaded through their write APIs.');
+    // Serving memory under many and hostile clients (issue 8), in its own serve process so
+    // the figures are that process's alone; its table goes into this report as printed.
+    progress('serving memory (scripts/bench/serve-memory.ts)');
+    const memory = spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'scripts/bench/serve-memory.ts'), '--no-build', ...(quick ? ['--quick'] : [])], {
+      cwd: ROOT,
+      encoding: 'utf8',
+      maxBuffer: 64 * MiB,
+    });
+    say('');
+    if (memory.status === 0) for (const line of memory.stdout.trimEnd().split('\n')) if (!line.startsWith('{')) say(line); // not its per-scenario JSON progress
+    else say(`serve memory: not measured (serve-memory.ts exited ${memory.status ?? memory.signal ?? '?'}: ${memory.stderr.trim().split('\n').slice(-3).join(' / ')})`);
     if (observations.length > 0) {
       say('');
       say('observed during the run:');

@@ -389,6 +389,13 @@ async function main(): Promise<void> {
     for (const r of rows) {
       out.write(`| ${r.scenario} | ${fmt(r.idleBeforeMiB)} | ${fmt(r.peakMiB)} | ${fmt(r.after1sMiB)} | ${fmt(r.afterSettleMiB)} | ${r.outcome} |\n`);
     }
+    // Issue 8's budget: serving stays under 300 MB with 200 readers and with 300 paused readers.
+    const budgeted = rows.filter((r) => /readers/.test(r.scenario));
+    if (budgeted.length > 0) {
+      const worst = Math.max(...budgeted.map((r) => r.peakMiB));
+      const limit = 300e6 / MiB;
+      out.write(`\ntarget: peak RSS under 300 MB (${limit.toFixed(0)} MiB) with readers and paused readers: ${worst < limit ? 'met' : 'MISSED'} (worst peak ${fmt(worst)})\n`);
+    }
     const logs = logSummary(serve.stderr());
     out.write(`\nserve log, warn and above (${logs.length === 0 ? 'none' : 'count x message'}):\n${logs.join('\n')}\n`);
   } finally {
