@@ -4,7 +4,7 @@ import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/
 import { formatBytes } from '../src/cli/format.js';
 import { MirrorError, describeError, isEnvironmentFailure, isMirrorError } from '../src/errors.js';
 import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
-import { parseRefsText } from '../src/cli/refs-file.js';
+import { parseRefsText } from '../src/sync/refs-file.js';
 import { parseUpstreamUrl } from '../src/remote/upstream.js';
 import { splitListen } from '../src/server/server.js';
 

@@ -84,7 +84,7 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
   const dir = await tempDir(t);
   const noNames = await runCli(['sync', '--dir', dir, '--upstream', 'http://127.0.0.1:1']);
   assert.equal(noNames.code, 2);
-  assert.match(noNames.stderr, /give at least one --ref NAME or --refs-file FILE/);
+  assert.match(noNames.stderr, /no names to sync: give --ref NAME, --refs-file FILE or --project DIR --target ELEMENT.bst/);
   const badUrl = await runCli(['sync', '--dir', dir, '--upstream', 'ftp://x', '--ref', REF]);
   assert.equal(badUrl.code, 2);
   assert.match(badUrl.stderr, /only http and https/);

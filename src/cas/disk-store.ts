@@ -4,6 +4,7 @@ import type { ReadFile } from './blob-io.js';
 import type { BlobReader, ByteRange, ContentStore, FetchFrom, NameRecord, ResumableWrite } from './content-store.js';
 import { type Digest, EMPTY_DIGEST, digestKey, isEmptyDigest } from './digest.js';
 import { type ChunkHooks, StoreFiles, type TempFile, mismatch } from './store-files.js';
+import type { StateTable } from './state-table.js';
 import { type BlobEntry, StoreIndex } from './store-index.js';
 
 export type { BlobEntry } from './store-index.js';
@@ -310,6 +311,24 @@ export class DiskContentStore implements ContentStore {
   /** The indexed size of each hash, or undefined where it is not indexed. */
   indexedSizes(hashes: readonly string[]): Promise<(number | undefined)[]> {
     return this.storeIndex.sizesOf(hashes);
+  }
+
+  /** A table of the daemon's own state in the store's database (see StateTable). */
+  stateTable<V>(name: string): StateTable<V> {
+    return this.storeIndex.stateTable<V>(name);
+  }
+
+  /** Blobs and names stored, and the blobs' bytes (walks the index: about a second per million blobs). */
+  async stats(): Promise<{ blobs: number; bytes: number; names: number }> {
+    let blobs = 0;
+    let bytes = 0;
+    let names = 0;
+    for await (const entry of this.storeIndex.blobEntries()) {
+      blobs += 1;
+      bytes += entry.sizeBytes;
+    }
+    for await (const _ of this.storeIndex.names()) names += 1;
+    return { blobs, bytes, names };
   }
 
   blobEntries(): AsyncIterable<BlobEntry> {

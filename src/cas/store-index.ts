@@ -4,6 +4,7 @@ import { Level } from 'level';
 import type { Logger } from 'pino';
 import { MirrorError, errorMessage } from '../errors.js';
 import type { NameRecord } from './content-store.js';
+import { type StateTable, SublevelStateTable } from './state-table.js';
 import { type Digest, digestKey, isEmptyDigest, parseDigestKey } from './digest.js';
 
 /** How a name record is kept in LevelDB (digests as `hash/size` strings). */
@@ -153,6 +154,11 @@ export class StoreIndex {
       const [size = '0', atime = '0'] = value.split(':');
       yield { hash, sizeBytes: Number(size), lastAccess: Number(atime) };
     }
+  }
+
+  /** A table of daemon state in this database (see StateTable); `name` must be unique per use. */
+  stateTable<V>(name: string): StateTable<V> {
+    return new SublevelStateTable<V>(this.db.sublevel<string, V>(`state-${name}`, { valueEncoding: 'json' }));
   }
 
   async getName(urn: string): Promise<NameRecord | undefined> {

@@ -1,14 +1,18 @@
 #!/usr/bin/env node
-import { createRequire } from 'node:module';
+import { resolve } from 'node:path';
 import v8 from 'node:v8';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { DEFAULT_RECHECK_AFTER_MS, DiskContentStore } from '../cas/disk-store.js';
+import { DEFAULT_RECHECK_AFTER_MS } from '../cas/disk-store.js';
 import { verifyStore } from '../cas/verify.js';
 import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
-import { MirrorError, describeError, errorMessage, isEnvironmentFailure } from '../errors.js';
-import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
+import { type ConfigOverrides, loadConfig, parseConfig } from '../config/load.js';
+import { Daemon } from '../daemon/daemon.js';
+import { daemonTables, storedStatus } from '../daemon/state.js';
+import { MirrorError, describeError, isEnvironmentFailure } from '../errors.js';
 import { type LogLevel, createLogger } from '../log.js';
+import { DEFAULT_READ_IDLE_TIMEOUT_MS } from '../remote/upstream.js';
+import { DEFAULT_MAX_CONNECTIONS } from '../server/listener.js';
 import {
   DEFAULT_IDLE_TIMEOUT_MS,
   DEFAULT_MAX_BATCH_BYTES,
@@ -16,10 +20,12 @@ import {
   DEFAULT_MAX_STREAMS_PER_CONNECTION,
   DEFAULT_SEND_BUDGET_BYTES,
   DEFAULT_STALL_TIMEOUT_MS,
-  MirrorServer,
 } from '../server/server.js';
-import { DEFAULT_MAX_CONNECTIONS, defaultMaxConnections } from '../server/listener.js';
+import { VERSION } from '../version.js';
+import { withStoreOrDaemon } from './daemon-or-store.js';
 import { formatBytes } from './format.js';
+import { type ServeFlags, withServeFlags } from './serve-flags.js';
+import { formatStatus } from './status-format.js';
 import { runSync } from './sync-command.js';
 import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js';
 
@@ -28,7 +34,6 @@ import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js'
 // replaces: measured with --cpu-prof, ByteStream reads went from about 1.3 to 2.4 GB/s without it.
 v8.setFlagsFromString('--no-incremental-marking');
 
-const { version } = createRequire(import.meta.url)('../../package.json') as { version: string };
 
 /**
  * Exit codes: 0 success, 1 the job ran but something failed (names, bad blobs), 2 usage or
@@ -43,15 +48,15 @@ async function main(argv: string[]): Promise<number> {
   await yargs(argv)
     .scriptName('bst-cache-mirror')
     .usage('$0 <command> [options]\n\nA LAN mirror of BuildStream remote artifact and source caches.')
-    .version(version)
-    .option('dir', { type: 'string', default: defaultDataDir(), defaultDescription: '$BST_CACHE_MIRROR_DIR or $XDG_DATA_HOME/bst-cache-mirror', describe: 'Data directory (blobs and the LevelDB index)' })
+    .version(VERSION)
+    .option('dir', { type: 'string', defaultDescription: '$BST_CACHE_MIRROR_DIR or $XDG_DATA_HOME/bst-cache-mirror', describe: 'Data directory (blobs and the LevelDB index)' })
     .option('log-level', { choices: LOG_LEVELS, describe: 'Log level for the JSON log on stderr (default: info for serve, warn otherwise)' })
     .command(
       'sync',
-      'Mirror names and their whole closures from upstream caches into the local store',
+      'Mirror names and their whole closures from upstream caches into the local store (through the daemon when one runs)',
       (y) =>
         y
-          .option('upstream', { type: 'string', array: true, demandOption: true, describe: UPSTREAM_OPTION_HELP })
+          .option('upstream', { type: 'string', array: true, describe: `${UPSTREAM_OPTION_HELP}. Required unless a daemon runs on --dir (then its upstreams are used)` })
           .option('ref', {
             type: 'string',
             array: true,
@@ -62,6 +67,9 @@ async function main(argv: string[]): Promise<number> {
               'PROJECT/sub-hello/KEY); KEY is the full 64-character cache key',
           })
           .option('refs-file', { type: 'string', array: true, default: [], describe: 'File of names, one per line (# comments and blank lines allowed)' })
+          .option('project', { type: 'string', describe: 'A BuildStream project checkout: mirror what --target needs (artifacts; with BuildStream 2 also sources)' })
+          .option('target', { type: 'string', array: true, default: [], describe: 'Target element of --project (repeat for several)' })
+          .option('bst', { type: 'string', default: 'bst', describe: 'The BuildStream command that runs `bst show` in --project (1.x or 2.x)' })
           .option('with-buildtrees', { type: 'boolean', default: false, describe: "Also mirror 2.x artifacts' buildtree, sources and buildroot" })
           .option('server-cert', { type: 'string', describe: 'PEM CA certificate(s) to trust for https upstreams' })
           .option('client-cert', { type: 'string', describe: 'PEM client certificate for https upstreams' })
@@ -76,7 +84,8 @@ async function main(argv: string[]): Promise<number> {
           })
           .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON instead of a summary' })
           .check((a) => {
-            if (a.ref.length === 0 && a['refs-file'].length === 0) throw new Error('give at least one --ref NAME or --refs-file FILE');
+            if (a.project !== undefined && a.target.length === 0) throw new Error('--project needs at least one --target ELEMENT.bst');
+            if (a.target.length > 0 && a.project === undefined) throw new Error('--target needs --project DIR');
             if (!Number.isInteger(a.concurrency) || a.concurrency < 1 || a.concurrency > 256) throw new Error('--concurrency must be an integer from 1 to 256');
             if (!(a['read-idle-timeout'] > 0 && a['read-idle-timeout'] <= 3600)) throw new Error('--read-idle-timeout must be a number of seconds above 0, at most 3600');
             return true;
@@ -85,8 +94,8 @@ async function main(argv: string[]): Promise<number> {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
         exitCode = await runSync(
           {
-            dir: a.dir,
-            upstreams: a.upstream.map((value) => ({
+            dir: a.dir ?? defaultDataDir(),
+            upstreams: (a.upstream ?? []).map((value) => ({
               ...parseUpstreamOption(value, {
                 instanceName: a['instance-name'],
                 serverCertFile: a['server-cert'],
@@ -98,6 +107,7 @@ async function main(argv: string[]): Promise<number> {
             })),
             refs: a.ref,
             refsFiles: a['refs-file'],
+            projects: a.project === undefined ? [] : [{ path: resolve(a.project), targets: a.target, bst: a.bst }],
             withBuildtrees: a['with-buildtrees'],
             concurrency: a.concurrency,
             json: a.json,
@@ -108,75 +118,76 @@ async function main(argv: string[]): Promise<number> {
     )
     .command(
       'serve',
-      'Serve the mirror as a pull-only remote cache for BuildStream 1.6 and 2.x',
+      'Run the mirror: serve it pull-only to BuildStream 1.6 and 2.x, and (with --config) keep it fresh from its upstreams',
       (y) =>
         y
-          .option('listen', { type: 'string', default: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port)' })
-          .option('max-batch-bytes', { type: 'number', default: DEFAULT_MAX_BATCH_BYTES, describe: 'BatchReadBlobs limit to advertise and enforce' })
-          .option('recheck-hours', { type: 'number', default: DEFAULT_RECHECK_AFTER_MS / 3_600_000, describe: 'Rehash a blob served whole if this process has not hashed it for this long (0: on every read)' })
+          .option('config', { type: 'string', describe: 'The daemon config file (YAML; see config/example.yaml); flags given here override it' })
+          .option('listen', { type: 'string', array: true, defaultDescription: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port); repeat for several' })
+          .option('max-batch-bytes', { type: 'number', defaultDescription: String(DEFAULT_MAX_BATCH_BYTES), describe: 'BatchReadBlobs limit to advertise and enforce' })
+          .option('recheck-hours', { type: 'number', defaultDescription: String(DEFAULT_RECHECK_AFTER_MS / 3_600_000), describe: 'Rehash a blob served whole if this process has not hashed it for this long (0: on every read)' })
           .option('send-budget-mib', {
             type: 'number',
-            default: DEFAULT_SEND_BUDGET_BYTES / (1 << 20),
+            defaultDescription: String(DEFAULT_SEND_BUDGET_BYTES / (1 << 20)),
             describe: 'MiB of response data (blob chunks, batches, tree pages) held at once for all clients together; more waits',
           })
           .option('stall-timeout', {
             type: 'number',
-            default: DEFAULT_STALL_TIMEOUT_MS / 1000,
+            defaultDescription: String(DEFAULT_STALL_TIMEOUT_MS / 1000),
             describe: 'Seconds a response may wait for a client that takes none of it (paused or gone) before it is cancelled (0: never)',
           })
-          .option('idle-timeout', { type: 'number', default: DEFAULT_IDLE_TIMEOUT_MS / 1000, describe: 'Seconds a connection without calls stays open (0: forever)' })
+          .option('idle-timeout', { type: 'number', defaultDescription: String(DEFAULT_IDLE_TIMEOUT_MS / 1000), describe: 'Seconds a connection without calls stays open (0: forever)' })
           .option('max-connections', {
             type: 'number',
-            default: defaultMaxConnections(),
             defaultDescription: `${DEFAULT_MAX_CONNECTIONS}, or half the open-file limit if lower`,
             describe: 'Connections open at once; further ones are closed as they arrive',
           })
           .option('max-streams-per-connection', {
             type: 'number',
-            default: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            defaultDescription: String(DEFAULT_MAX_STREAMS_PER_CONNECTION),
             describe: 'Concurrent calls per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; clients queue the rest)',
           })
           .option('max-request-bytes', {
             type: 'number',
-            default: DEFAULT_MAX_REQUEST_BYTES,
+            defaultDescription: String(DEFAULT_MAX_REQUEST_BYTES),
             describe: 'Largest request message; larger ones are refused (RESOURCE_EXHAUSTED) before they are read',
           })
           .check((a) => {
-            if (!(a['recheck-hours'] >= 0)) throw new Error('--recheck-hours must be a number >= 0');
-            if (!Number.isInteger(a['max-batch-bytes']) || a['max-batch-bytes'] < 1024 || a['max-batch-bytes'] > 32 << 20) throw new Error('--max-batch-bytes must be an integer from 1024 to 33554432');
-            if (!(a['send-budget-mib'] >= 4 && a['send-budget-mib'] <= 65536)) throw new Error('--send-budget-mib must be a number from 4 to 65536');
-            if (!(a['stall-timeout'] >= 0 && a['stall-timeout'] <= 86400)) throw new Error('--stall-timeout must be a number of seconds from 0 (never) to 86400');
-            if (!(a['idle-timeout'] >= 0 && a['idle-timeout'] <= 86400 * 7)) throw new Error('--idle-timeout must be a number of seconds from 0 (never) to 604800');
-            if (!Number.isInteger(a['max-connections']) || a['max-connections'] < 1) throw new Error('--max-connections must be an integer >= 1');
-            if (!Number.isInteger(a['max-streams-per-connection']) || a['max-streams-per-connection'] < 1 || a['max-streams-per-connection'] > 100_000) {
+            const given = (v: number | undefined): v is number => v !== undefined;
+            if (given(a['recheck-hours']) && !(a['recheck-hours'] >= 0)) throw new Error('--recheck-hours must be a number >= 0');
+            if (given(a['max-batch-bytes']) && (!Number.isInteger(a['max-batch-bytes']) || a['max-batch-bytes'] < 1024 || a['max-batch-bytes'] > 32 << 20)) throw new Error('--max-batch-bytes must be an integer from 1024 to 33554432');
+            if (given(a['send-budget-mib']) && !(a['send-budget-mib'] >= 4 && a['send-budget-mib'] <= 65536)) throw new Error('--send-budget-mib must be a number from 4 to 65536');
+            if (given(a['stall-timeout']) && !(a['stall-timeout'] >= 0 && a['stall-timeout'] <= 86400)) throw new Error('--stall-timeout must be a number of seconds from 0 (never) to 86400');
+            if (given(a['idle-timeout']) && !(a['idle-timeout'] >= 0 && a['idle-timeout'] <= 86400 * 7)) throw new Error('--idle-timeout must be a number of seconds from 0 (never) to 604800');
+            if (given(a['max-connections']) && (!Number.isInteger(a['max-connections']) || a['max-connections'] < 1)) throw new Error('--max-connections must be an integer >= 1');
+            if (given(a['max-streams-per-connection']) && (!Number.isInteger(a['max-streams-per-connection']) || a['max-streams-per-connection'] < 1 || a['max-streams-per-connection'] > 100_000)) {
               throw new Error('--max-streams-per-connection must be an integer from 1 to 100000');
             }
-            if (!Number.isInteger(a['max-request-bytes']) || a['max-request-bytes'] < 65536 || a['max-request-bytes'] > 1 << 30) throw new Error('--max-request-bytes must be an integer from 65536 to 1073741824');
+            if (given(a['max-request-bytes']) && (!Number.isInteger(a['max-request-bytes']) || a['max-request-bytes'] < 65536 || a['max-request-bytes'] > 1 << 30)) throw new Error('--max-request-bytes must be an integer from 65536 to 1073741824');
             return true;
           }),
       async (a) => {
-        const log = createLogger((a['log-level'] ?? 'info') as LogLevel);
-        const store = await DiskContentStore.open(a.dir, log, { recheckAfterMs: a['recheck-hours'] * 3_600_000 });
-        let server: MirrorServer;
-        try {
-          server = await MirrorServer.start(store, {
-            listen: a.listen,
-            maxBatchBytes: a['max-batch-bytes'],
-            log,
-            limits: {
-              sendBudgetBytes: Math.round(a['send-budget-mib'] * (1 << 20)),
-              stallTimeoutMs: a['stall-timeout'] * 1000,
-              idleTimeoutMs: a['idle-timeout'] * 1000,
-              maxConnections: a['max-connections'],
-              maxStreamsPerConnection: a['max-streams-per-connection'],
-              maxRequestBytes: a['max-request-bytes'],
-            },
-          });
-        } catch (err) {
-          await store.close();
-          throw err;
-        }
-        process.stdout.write(`bst-cache-mirror serving ${a.dir} on ${server.address}\n`);
+        const overrides: ConfigOverrides = {
+          ...(a.dir !== undefined && { dir: a.dir }),
+          ...(a.listen !== undefined && a.listen.length > 0 && { listen: a.listen }),
+          ...(a['log-level'] !== undefined && { logLevel: a['log-level'] as LogLevel }),
+        };
+        const flags: ServeFlags = {
+          maxBatchBytes: a['max-batch-bytes'],
+          recheckHours: a['recheck-hours'],
+          sendBudgetMib: a['send-budget-mib'],
+          stallTimeoutS: a['stall-timeout'],
+          idleTimeoutS: a['idle-timeout'],
+          maxConnections: a['max-connections'],
+          maxStreamsPerConnection: a['max-streams-per-connection'],
+          maxRequestBytes: a['max-request-bytes'],
+        };
+        const base = a.config === undefined ? parseConfig('', '(command line)', { ...overrides, dir: a.dir ?? defaultDataDir() }) : await loadConfig(a.config, overrides);
+        const config = withServeFlags(base, flags);
+        const log = createLogger(config.logLevel);
+        const daemon = await Daemon.start(config, { configFile: a.config, overrides, log });
+        const [first, ...more] = daemon.addresses;
+        process.stdout.write(`bst-cache-mirror serving ${config.dir} on ${first ?? ''}\n`);
+        for (const address of more) process.stdout.write(`bst-cache-mirror also serving on ${address}\n`);
         await new Promise<void>((resolve) => {
           const stop = (signal: string): void => {
             log.info({ signal }, 'shutting down');
@@ -185,8 +196,7 @@ async function main(argv: string[]): Promise<number> {
           process.once('SIGINT', stop);
           process.once('SIGTERM', stop);
         });
-        await server.stop();
-        await store.close();
+        await daemon.stop();
       },
     )
     .command(
@@ -206,10 +216,16 @@ async function main(argv: string[]): Promise<number> {
           }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
-        // Without --repair, verify changes nothing: the store must exist, and temp files stay.
-        const store = await DiskContentStore.open(a.dir, log, { create: false });
-        try {
-          const r = await verifyStore(store, { repair: a.repair, prune: a.prune, log });
+        const dir = a.dir ?? defaultDataDir();
+        const r = await withStoreOrDaemon(
+          dir,
+          log,
+          (daemon) => daemon.verify({ version: VERSION, repair: a.repair || a.prune, prune: a.prune }),
+          // Without --repair, verify changes nothing: the store must exist, and temp files stay.
+          { create: false },
+          (store) => verifyStore(store, { repair: a.repair, prune: a.prune, log }),
+        );
+        {
           const out = process.stdout;
           const done = (did: string, hint: string): string => (r.repaired ? ` (${did})` : ` (${hint})`);
           const size = (n: { count: number; bytes: number }): string => `${n.count}, ${formatBytes(n.bytes)}`;
@@ -226,12 +242,21 @@ async function main(argv: string[]): Promise<number> {
           const problems = r.badBlobs.length + r.brokenNames.length + r.badUnindexed.length;
           out.write(problems === 0 ? 'store is consistent\n' : r.repaired ? 'repaired; run sync to fetch what was removed\n' : 'problems found; run with --repair to fix the index\n');
           exitCode = problems === 0 || r.repaired ? 0 : 1;
-        } finally {
-          await store.close();
         }
       },
     )
-    .demandCommand(1, 'give a command: sync, serve or verify')
+    .command(
+      'status',
+      "The store's size, each upstream's health, the last sync runs, the next scheduled one and recorded misses (from the daemon, or the store when none runs)",
+      (y) => y.option('json', { type: 'boolean', default: false, describe: 'Print the status as JSON' }),
+      async (a) => {
+        const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
+        const dir = a.dir ?? defaultDataDir();
+        const status = await withStoreOrDaemon(dir, log, (daemon) => daemon.status({ version: VERSION }), { create: false }, (store) => storedStatus(store, daemonTables(store)));
+        process.stdout.write(a.json ? `${JSON.stringify(status, null, 2)}\n` : formatStatus(status, Date.now()));
+      },
+    )
+    .demandCommand(1, 'give a command: serve, sync, status or verify')
     .strict()
     .help()
     .wrap(Math.min(110, process.stdout.columns || 110))

@@ -1,28 +1,39 @@
 import cliProgress from 'cli-progress';
 import type { Logger } from 'pino';
 import { DiskContentStore } from '../cas/disk-store.js';
-import { GrpcUpstream, type UpstreamSpec } from '../remote/upstream.js';
-import { type SyncReport, syncNames } from '../sync/sync-job.js';
 import { parseUserName } from '../cas/names.js';
+import { ControlClient } from '../control/client.js';
 import { MirrorError, errorMessage } from '../errors.js';
+import { GrpcUpstream, type UpstreamSpec } from '../remote/upstream.js';
+import { type ProjectSpec, projectNames } from '../sync/project-names.js';
+import { readRefsFile } from '../sync/refs-file.js';
+import { type SyncProgress, type SyncReport, syncNames } from '../sync/sync-job.js';
+import { VERSION } from '../version.js';
 import { formatBytes } from './format.js';
-import { readRefsFile } from './refs-file.js';
+import { formatDuration } from './status-format.js';
 
 export interface SyncCommandArgs {
   readonly dir: string;
   readonly upstreams: readonly UpstreamSpec[];
   readonly refs: readonly string[];
   readonly refsFiles: readonly string[];
+  readonly projects: readonly ProjectSpec[];
   readonly withBuildtrees: boolean;
   readonly concurrency: number;
   readonly json: boolean;
 }
 
-/** `bst-cache-mirror sync`: returns the exit code (0 all mirrored, 1 some failed or missing). */
+/**
+ * `bst-cache-mirror sync`: through the daemon that owns the store when one runs (with no names
+ * given, a run of its configured selection), else on the store directly. Returns the exit code
+ * (0 all mirrored or present, 1 some failed or missing).
+ */
 export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.WriteStream = process.stdout): Promise<number> {
   const names = [...args.refs];
   for (const file of args.refsFiles) names.push(...(await readRefsFile(file)));
-  if (names.length === 0) throw new MirrorError('CONFIG_INVALID', 'no names to sync: give --ref NAME or --refs-file FILE (the refs file is empty)');
+  if (args.refsFiles.length > 0 && names.length === 0 && args.projects.length === 0) {
+    throw new MirrorError('CONFIG_INVALID', 'no names to sync: the refs file is empty');
+  }
   // A malformed name or a short key is the user's to fix, before any WAN round trip.
   const invalid = names.flatMap((name) => {
     try {
@@ -33,41 +44,113 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
     }
   });
   if (invalid.length > 0) throw new MirrorError('CONFIG_INVALID', `invalid name${invalid.length > 1 ? 's' : ''}:\n  ${invalid.join('\n  ')}`);
+  const progress = new ProgressDisplay(process.stderr.isTTY && !args.json);
+  let result: { report: SyncReport; notes: readonly string[] };
+  const daemon = await ControlClient.connect(args.dir);
+  try {
+    if (daemon) {
+      log.debug({ socket: daemon.path }, 'syncing through the daemon');
+      result = await daemon.sync(
+        {
+          version: VERSION,
+          names,
+          projects: args.projects.map((p) => ({ path: p.path, targets: [...p.targets], bst: p.bst })),
+          withBuildtrees: args.withBuildtrees,
+          concurrency: args.concurrency,
+          ...(args.upstreams.length > 0 && { upstreams: args.upstreams.map(toWireSpec) }),
+        },
+        (p) => progress.update(p),
+      );
+    } else {
+      result = await syncHere(args, names, log, (p) => progress.update(p));
+    }
+  } finally {
+    progress.stop();
+    daemon?.close();
+  }
+  for (const note of result.notes) process.stderr.write(`note: ${note}\n`);
+  printSummary(result.report, args.json, out);
+  return result.report.results.every((r) => r.status === 'mirrored' || r.status === 'present') ? 0 : 1;
+}
+
+/** Without a daemon: this process opens the store and is its writer for the run. */
+async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
+  if (args.upstreams.length === 0) {
+    throw new MirrorError('CONFIG_INVALID', `give --upstream URL: no daemon runs on ${args.dir} to take its upstreams from`);
+  }
+  const notes: string[] = [];
+  for (const project of args.projects) {
+    const found = await projectNames(project);
+    names.push(...found.names);
+    for (const s of found.skipped) notes.push(`project ${project.path}: skipped ${s.element}: ${s.reason}`);
+  }
+  if (names.length === 0) {
+    throw new MirrorError('CONFIG_INVALID', 'no names to sync: give --ref NAME, --refs-file FILE or --project DIR --target ELEMENT.bst');
+  }
   const upstreams = await Promise.all(args.upstreams.map((spec) => GrpcUpstream.create(spec)));
   // sync is the store's writer: temp files a crashed run left are removed (partial downloads are
   // kept and resumed).
   const store = await DiskContentStore.open(args.dir, log, { removeStaleTemp: true });
-  const bar = process.stderr.isTTY && !args.json
-    ? new cliProgress.SingleBar(
-        { stream: process.stderr, format: 'sync [{bar}] {value}/{total} names | {blobs} blobs | {bytes} | {rate}', hideCursor: true },
-        cliProgress.Presets.shades_classic,
-      )
-    : undefined;
-  const started = Date.now();
-  bar?.start(names.length, 0, { blobs: 0, bytes: '0 B', rate: '' });
-  let report: SyncReport;
   try {
-    report = await syncNames({
-      store,
-      upstreams,
-      names,
-      withBuildtrees: args.withBuildtrees,
-      concurrency: args.concurrency,
-      log,
-      onProgress: (p) =>
-        bar?.update(p.namesDone, {
-          blobs: p.blobsTransferred,
-          bytes: formatBytes(p.bytesTransferred),
-          rate: `${formatBytes(p.bytesTransferred / Math.max(0.001, (Date.now() - started) / 1000))}/s`,
-        }),
-    });
+    const report = await syncNames({ store, upstreams, names, withBuildtrees: args.withBuildtrees, concurrency: args.concurrency, log, onProgress });
+    return { report, notes };
   } finally {
-    bar?.stop();
     for (const u of upstreams) u.close();
     await store.close();
   }
-  printSummary(report, args.json, out);
-  return report.results.every((r) => r.status === 'mirrored' || r.status === 'present') ? 0 : 1;
+}
+
+/** An UpstreamSpec as the control endpoint takes it (no undefined values in JSON). */
+function toWireSpec(spec: UpstreamSpec): UpstreamSpec {
+  return JSON.parse(JSON.stringify(spec)) as UpstreamSpec;
+}
+
+/**
+ * The progress bar on a terminal: bytes against the total once every name's closure has been
+ * walked (with an ETA), else against what has been found missing so far; it moves while a large
+ * blob streams.
+ */
+class ProgressDisplay {
+  private readonly bar: cliProgress.SingleBar | undefined;
+  private readonly started = Date.now();
+  private begun = false;
+
+  constructor(enabled: boolean) {
+    this.bar = enabled
+      ? new cliProgress.SingleBar(
+          { stream: process.stderr, format: 'sync [{bar}] {moved} of {total_bytes} | {names} names | {rate} | {eta_text}', hideCursor: true, fps: 5 },
+          cliProgress.Presets.shades_classic,
+        )
+      : undefined;
+  }
+
+  update(p: SyncProgress): void {
+    if (!this.bar) return;
+    const moved = p.bytesTransferred + p.bytesStreaming;
+    const known = p.namesWalked >= p.namesTotal;
+    const total = Math.max(p.bytesQueued, moved, 1);
+    const seconds = Math.max(0.001, (Date.now() - this.started) / 1000);
+    const rate = moved / seconds;
+    const eta = known && rate > 0 ? `ETA ${formatDuration(((total - moved) / rate) * 1000)}` : 'walking trees…';
+    const payload = {
+      moved: formatBytes(moved),
+      total_bytes: `${known ? '' : '≥ '}${formatBytes(total)}`,
+      names: `${p.namesDone}/${p.namesTotal}`,
+      rate: `${formatBytes(rate)}/s`,
+      eta_text: eta,
+    };
+    if (!this.begun) {
+      this.bar.start(total, moved, payload);
+      this.begun = true;
+    } else {
+      this.bar.setTotal(total);
+      this.bar.update(moved, payload);
+    }
+  }
+
+  stop(): void {
+    if (this.begun) this.bar?.stop();
+  }
 }
 
 function printSummary(report: SyncReport, json: boolean, out: NodeJS.WritableStream): void {
@@ -85,6 +168,8 @@ function printSummary(report: SyncReport, json: boolean, out: NodeJS.WritableStr
       (report.bytesResumed > 0 ? `, of which ${formatBytes(report.bytesResumed)} resumed from partial downloads of an interrupted sync` : '') +
       '\n',
   );
+  // An outage is reported once, not once per name it failed.
+  for (const o of report.outages) out.write(`unreachable: ${o.upstream}: ${o.reason}\n`);
   for (const r of report.results) {
     if (r.status === 'missing' || r.status === 'failed') out.write(`${r.status}: ${r.input}: ${r.reason ?? ''}\n`);
   }

@@ -11,6 +11,7 @@ import { type Digest, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUrn } from '../cas/names.js';
 import { closureProblem } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
+import type { MissHandler } from './miss-handler.js';
 import { guardedDefinition, readOnlyError, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName, checkNoQualifiers } from './request-checks.js';
 
@@ -37,6 +38,7 @@ export class AssetService {
   constructor(
     private readonly store: ContentStore,
     private readonly log: Logger,
+    private readonly missHandler?: MissHandler,
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
@@ -64,6 +66,14 @@ export class AssetService {
     server.addService(guardedDefinition(PushService), push);
   }
 
+  private async lookupFirst(uris: readonly string[], names: readonly MirrorName[]): Promise<{ uri: string; digest: Digest } | undefined> {
+    for (const [i, name] of names.entries()) {
+      const record = await lookupName(this.store, name);
+      if (record) return { uri: uris[i] ?? name.urn, digest: record.digest };
+    }
+    return undefined;
+  }
+
   private async fetch(
     req: { instanceName: string; uris: string[]; qualifiers: { name: string; value: string }[]; digestFunction: number },
     want: 'blob' | 'directory',
@@ -84,9 +94,14 @@ export class AssetService {
         throw new MirrorError('INVALID_ARGUMENT', `'${name.urn}' names a ${kind}; use Fetch${kind === 'blob' ? 'Blob' : 'Directory'}`);
       }
     }
-    for (const [i, name] of names.entries()) {
-      const record = await lookupName(this.store, name);
-      if (record) return { uri: req.uris[i] ?? name.urn, digest: record.digest };
+    const found = await this.lookupFirst(req.uris, names);
+    if (found) return found;
+    if (this.missHandler) {
+      const fetched = await Promise.all(names.map((name) => this.missHandler?.nameMissed(name)));
+      if (fetched.some(Boolean)) {
+        const late = await this.lookupFirst(req.uris, names);
+        if (late) return late;
+      }
     }
     throw new MirrorError('NAME_NOT_FOUND', names.length === 1 ? `'${names[0]?.urn}' is not in the mirror` : `none of the ${names.length} URIs is in the mirror`);
   }

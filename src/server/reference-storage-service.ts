@@ -6,6 +6,7 @@ import { toWire } from '../cas/digest.js';
 import { refName } from '../cas/names.js';
 import { MirrorError } from '../errors.js';
 import { lookupName } from './asset-service.js';
+import type { MissHandler } from './miss-handler.js';
 import { guardedDefinition, readOnlyError, unary } from './handler.js';
 
 /**
@@ -16,13 +17,15 @@ export class ReferenceStorageReadService {
   constructor(
     private readonly store: ContentStore,
     private readonly log: Logger,
+    private readonly missHandler?: MissHandler,
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
     const impl: ReferenceStorageServer = {
       getReference: unary(this.log, 'GetReference', async (req) => {
         const name = refName(req.key);
-        const record = await lookupName(this.store, name);
+        let record = await lookupName(this.store, name);
+        if (!record && (await this.missHandler?.nameMissed(name))) record = await lookupName(this.store, name);
         if (!record) throw new MirrorError('NAME_NOT_FOUND', `ref '${req.key}' is not in the mirror`);
         return { digest: toWire(record.digest) };
       }),

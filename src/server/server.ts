@@ -7,6 +7,7 @@ import { ByteStreamReadService } from './bytestream-service.js';
 import { callGuard } from './call-guard.js';
 import { CapabilitiesReadService } from './capabilities-service.js';
 import { CasService } from './cas-service.js';
+import type { MissHandler } from './miss-handler.js';
 import { IdleCollector } from './idle-gc.js';
 import { LimitLog } from './limit-log.js';
 import { ConnectionListener, defaultMaxConnections } from './listener.js';
@@ -71,6 +72,8 @@ export interface ServeOptions {
   readonly sendBudget?: SendBudget;
   /** Quiet time that ends an episode of a limit being hit (see LimitLog). */
   readonly limitEpisodeQuietMs?: number;
+  /** Asked about names clients want and the store lacks (pull-through); none: plain NOT_FOUND. */
+  readonly missHandler?: MissHandler;
 }
 
 /** BuildStream 1.6 caps batches at 1 MiB whatever the server says; 2.x follows the server. */
@@ -120,8 +123,8 @@ export class MirrorServer {
     new CapabilitiesReadService(options.maxBatchBytes, log).addToServer(server);
     new CasService(store, options.maxBatchBytes, budget, log).addToServer(server);
     new ByteStreamReadService(store, budget, log).addToServer(server);
-    new AssetService(store, log).addToServer(server);
-    new ReferenceStorageReadService(store, log).addToServer(server);
+    new AssetService(store, log, options.missHandler).addToServer(server);
+    new ReferenceStorageReadService(store, log, options.missHandler).addToServer(server);
     const { host, port } = splitListen(options.listen);
     listener = await ConnectionListener.listen(server, host, port, {
       maxConnections: limits.maxConnections,

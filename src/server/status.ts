@@ -41,7 +41,12 @@ export function toStatus(err: unknown, log?: Logger, method?: string): GrpcStatu
   return { code: grpc.status.INTERNAL, details: 'internal error in bst-cache-mirror; see its log' };
 }
 
+/** Trailing metadata key carrying a MirrorError's code, so the CLI can rebuild it from the control endpoint's answer. */
+export const ERROR_CODE_KEY = 'bst-cache-mirror-error-code';
+
 export function toServiceError(err: unknown, log?: Logger, method?: string): Partial<grpc.ServiceError> {
   const { code, details } = toStatus(err, log, method);
-  return { code, details, message: details, metadata: new grpc.Metadata(), name: 'ServiceError' };
+  const metadata = new grpc.Metadata();
+  if (err instanceof MirrorError) metadata.set(ERROR_CODE_KEY, err.code);
+  return { code, details, message: details, metadata, name: 'ServiceError' };
 }

@@ -5,6 +5,7 @@ import { type Roots, artifactRoots, checkMessageSize, parseDirectory, sourceRoot
 import { type Digest, EMPTY_DIGEST, digestKey, groupBySize } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUserName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
+import { isUnreachable } from '../remote/health.js';
 import type { Upstream } from '../remote/upstream.js';
 import { Backlog, type BacklogShare, TaskScope } from './task-scope.js';
 import { TransferLimiter } from './transfer-limiter.js';
@@ -21,6 +22,8 @@ export interface SyncOptions {
   readonly concurrency?: number;
   readonly log: Logger;
   readonly onProgress?: (progress: SyncProgress) => void;
+  /** Cancels the run: names not started fail as cancelled, transfers under way stop (partial downloads are kept). */
+  readonly signal?: AbortSignal | undefined;
 }
 
 export interface SyncProgress {
@@ -28,6 +31,18 @@ export interface SyncProgress {
   readonly namesDone: number;
   readonly blobsTransferred: number;
   readonly bytesTransferred: number;
+  /** Bytes of large blobs received so far that are not yet stored (streams under way). */
+  readonly bytesStreaming: number;
+  /** Bytes of every blob this run has found missing and queued so far (grows while trees are walked). */
+  readonly bytesQueued: number;
+  /** Names whose closure has been walked whole: once all have, bytesQueued is the run's total. */
+  readonly namesWalked: number;
+}
+
+/** An upstream this run could not reach, reported once however many names it failed. */
+export interface Outage {
+  readonly upstream: string;
+  readonly reason: string;
 }
 
 export type NameStatus = 'mirrored' | 'present' | 'missing' | 'failed';
@@ -53,6 +68,8 @@ export interface SyncReport {
   /** Of bytesTransferred, the bytes that came from partial downloads of an earlier, interrupted run. */
   readonly bytesResumed: number;
   readonly durationMs: number;
+  /** Upstreams that could not be reached during the run, with the first reason. */
+  readonly outages: Outage[];
 }
 
 /** Names synced at once; each name's own blob transfers share the `concurrency` limit. */
@@ -79,13 +96,17 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
   // Names synced together often share blobs (logs, metadata, common files): each is fetched once.
   const inFlight: InFlight = new Map();
   const perName = pLimit(NAME_CONCURRENCY);
-  const totals = { blobs: 0, bytes: 0, resumed: 0, namesDone: 0 };
+  const totals = { blobs: 0, bytes: 0, resumed: 0, namesDone: 0, streaming: 0, queued: 0, walked: 0 };
+  const outages = new Map<string, string>();
   const report = (): void =>
     options.onProgress?.({
       namesTotal: options.names.length,
       namesDone: totals.namesDone,
       blobsTransferred: totals.blobs,
       bytesTransferred: totals.bytes,
+      bytesStreaming: totals.streaming,
+      bytesQueued: totals.queued,
+      namesWalked: totals.walked,
     });
   const results = await Promise.all(
     options.names.map((input) =>
@@ -93,6 +114,7 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
         const counter = {
           blobs: 0,
           bytes: 0,
+          walkedOnce: false,
           add(blobs: number, bytes: number, resumed: number) {
             this.blobs += blobs;
             this.bytes += bytes;
@@ -101,8 +123,25 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
             totals.resumed += resumed;
             report();
           },
+          streamed(bytes: number) {
+            totals.streaming += bytes;
+            report();
+          },
+          queued(bytes: number) {
+            totals.queued += bytes;
+          },
+          walked() {
+            if (this.walkedOnce) return;
+            this.walkedOnce = true;
+            totals.walked += 1;
+            report();
+          },
+          unreachable(upstream: string, reason: string) {
+            if (!outages.has(upstream)) outages.set(upstream, reason);
+          },
         };
         const result = await syncOne(input, options, transfers, inFlight, counter);
+        counter.walked();
         totals.namesDone += 1;
         report();
         const fields = { name: input, status: result.status, upstream: result.upstream, blobs: counter.blobs, bytes: counter.bytes };
@@ -113,12 +152,27 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
       }),
     ),
   );
-  return { results, blobsTransferred: totals.blobs, bytesTransferred: totals.bytes, bytesResumed: totals.resumed, durationMs: Date.now() - started };
+  return {
+    results,
+    blobsTransferred: totals.blobs,
+    bytesTransferred: totals.bytes,
+    bytesResumed: totals.resumed,
+    durationMs: Date.now() - started,
+    outages: [...outages].map(([upstream, reason]) => ({ upstream, reason })),
+  };
 }
 
 interface Counter {
   /** Counts blobs stored (with their bytes, of which `resumed` came from partial downloads). */
   add(blobs: number, bytes: number, resumed: number): void;
+  /** Bytes received (positive) or handed over to add() or dropped (negative) of streams under way. */
+  streamed(bytes: number): void;
+  /** Bytes of blobs queued for transfer. */
+  queued(bytes: number): void;
+  /** The name's closure has been walked whole (or its sync ended). Idempotent. */
+  walked(): void;
+  /** An upstream could not be reached (the first reason per upstream is reported). */
+  unreachable(upstream: string, reason: string): void;
   readonly blobs: number;
 }
 
@@ -132,6 +186,7 @@ async function syncOne(
   inFlight: InFlight,
   counter: Counter,
 ): Promise<Omit<NameResult, 'blobsTransferred' | 'bytesTransferred'>> {
+  if (options.signal?.aborted) return { input, status: 'failed', reason: 'cancelled: the daemon is shutting down' };
   let candidates: MirrorName[];
   try {
     candidates = parseUserName(input);
@@ -139,6 +194,7 @@ async function syncOne(
     return { input, status: 'failed', reason: errorMessage(err) };
   }
   const upstreamErrors: string[] = [];
+  let unreachable = 0;
   for (const upstream of options.upstreams) {
     let found: { name: MirrorName; digest: Digest } | undefined;
     try {
@@ -151,12 +207,16 @@ async function syncOne(
       }
     } catch (err) {
       upstreamErrors.push(errorMessage(err));
+      if (isUnreachable(err)) {
+        unreachable += 1;
+        counter.unreachable(upstream.name, errorMessage(err));
+      }
       continue;
     }
     if (!found) continue;
     const { name, digest } = found;
     try {
-      const fetcher = new ClosureFetcher(options.store, upstream, transfers, inFlight, counter);
+      const fetcher = new ClosureFetcher(options.store, upstream, transfers, inFlight, counter, options.signal);
       const before = counter.blobs;
       const roots = await fetcher.fetchName(name, digest, options.withBuildtrees ?? false);
       const existing = await options.store.getName(name.urn);
@@ -172,8 +232,17 @@ async function syncOne(
       if (!unchanged || counter.blobs !== before) await options.store.putName(name.urn, record);
       return { input, status: unchanged && counter.blobs === before ? 'present' : 'mirrored', urn: name.urn, upstream: upstream.name };
     } catch (err) {
+      if (isUnreachable(err)) counter.unreachable(upstream.name, errorMessage(err));
       return { input, status: 'failed', urn: name.urn, upstream: upstream.name, reason: describeFetchError(err) };
     }
+  }
+  if (unreachable > 0 && unreachable === upstreamErrors.length && unreachable === options.upstreams.length) {
+    // Every upstream is out of reach: what the mirror already holds is still good to serve.
+    for (const name of candidates) {
+      const held = await options.store.getName(name.urn);
+      if (held) return { input, status: 'present', urn: name.urn, upstream: held.upstream, reason: 'not checked upstream: no upstream reachable (see the outages)' };
+    }
+    return { input, status: 'failed', reason: 'no upstream reachable (see the outages)' };
   }
   if (upstreamErrors.length > 0) {
     return { input, status: 'failed', reason: upstreamErrors.join('; ') };
@@ -204,7 +273,12 @@ class ClosureFetcher {
     private readonly transfers: TransferLimiter,
     private readonly inFlight: InFlight,
     private readonly counter: Counter,
+    private readonly signal: AbortSignal | undefined,
   ) {}
+
+  private checkCancelled(): void {
+    if (this.signal?.aborted) throw new MirrorError('UPSTREAM_ERROR', 'cancelled: the daemon is shutting down');
+  }
 
   /**
    * Fetches the name's closure; returns what it references besides its own digest. Throws the
@@ -215,6 +289,7 @@ class ClosureFetcher {
     this.scope.spawn(async () => {
       if (isDirectoryName(name.kind)) {
         await this.walkTrees([digest]);
+        this.counter.walked();
         return;
       }
       checkMessageSize(digest, name.kind === 'artifact' ? 'BuildStream Artifact' : 'BuildStream Source');
@@ -223,6 +298,7 @@ class ClosureFetcher {
       roots = name.kind === 'artifact' ? artifactRoots(data, digest, withBuildtrees) : sourceRoots(data, digest);
       await this.fetchFiles(roots.blobs);
       await this.walkTrees(roots.directories);
+      this.counter.walked();
     });
     await this.scope.drain();
     return roots;
@@ -316,12 +392,14 @@ class ClosureFetcher {
    */
   private async transfer(missing: readonly Digest[], maxBatchBytes: number, priority: boolean, share?: BacklogShare): Promise<void> {
     if (missing.length === 0) return;
+    this.counter.queued(missing.reduce((n, d) => n + d.sizeBytes, 0));
     const large = missing.filter((d) => d.sizeBytes > maxBatchBytes);
     const batches = groupBySize(missing.filter((d) => d.sizeBytes <= maxBatchBytes), maxBatchBytes);
     const track = (digestsOf: readonly Digest[], stream: boolean, run: (still: Digest[]) => Promise<void>): Promise<void> => {
       const done = this.transfers.run({ priority, stream }, async () => {
         share?.release(digestsOf.length);
         if (this.scope.failed) return;
+        this.checkCancelled();
         const still = await this.store.findMissing(digestsOf);
         if (still.length > 0) await run(still);
       });
@@ -357,8 +435,27 @@ class ClosureFetcher {
 
   /** Streams a large blob into the store, resuming a partial download an earlier run left. */
   private async fetchLarge(digest: Digest): Promise<void> {
-    const { resumedBytes } = await this.store.writeResumable(digest, (offset) => this.upstream.readStream(digest, offset));
-    this.counter.add(1, digest.sizeBytes, resumedBytes);
+    let received = 0;
+    const counter = this.counter;
+    const upstream = this.upstream;
+    const fetcher = this;
+    // Progress moves while a large blob streams, so a 2 GiB blob on a slow link does not look stalled.
+    async function* counted(offset: number): AsyncIterable<Uint8Array> {
+      for await (const chunk of upstream.readStream(digest, offset)) {
+        fetcher.checkCancelled();
+        received += chunk.byteLength;
+        counter.streamed(chunk.byteLength);
+        yield chunk;
+      }
+    }
+    try {
+      const { resumedBytes } = await this.store.writeResumable(digest, counted);
+      counter.streamed(-received);
+      received = 0;
+      counter.add(1, digest.sizeBytes, resumedBytes);
+    } finally {
+      if (received > 0) counter.streamed(-received);
+    }
   }
 }
 

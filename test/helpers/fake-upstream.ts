@@ -36,6 +36,8 @@ export class FakeUpstream {
   readonly stalledReads = new Set<grpc.ServerWritableStream<unknown, unknown>>();
   /** The read_offset of every ByteStream read, in order (resumed downloads ask for offset > 0). */
   readonly readOffsets: number[] = [];
+  /** Every URI asked for by FetchBlob/FetchDirectory, in order. */
+  readonly askedUris: string[] = [];
   private server: grpc.Server | undefined;
   url = '';
 
@@ -79,6 +81,7 @@ export class FakeUpstream {
   /** The first of `uris` the fake holds, as Remote Asset Fetch answers it. */
   private findAsset(method: string, uris: string[]): { uri: string; digest: { hash: string; sizeBytes: bigint } } | { error: Partial<grpc.ServiceError> } {
     this.hit(method);
+    this.askedUris.push(...uris);
     if (uris.length === 0) return { error: { code: grpc.status.INVALID_ARGUMENT, details: 'no uris' } };
     for (const uri of uris) {
       const d = this.assets.get(uri);
@@ -87,7 +90,8 @@ export class FakeUpstream {
     return { error: { code: grpc.status.NOT_FOUND, details: 'no such asset' } };
   }
 
-  async start(): Promise<string> {
+  /** Serves on 127.0.0.1:`port` (0: a free one; a stopped fake's port to come back where it was). */
+  async start(port = 0): Promise<string> {
     const server = new grpc.Server();
     const notFound = (details: string) => ({ code: grpc.status.NOT_FOUND, details });
     const cas: ContentAddressableStorageServer = {
@@ -182,11 +186,11 @@ export class FakeUpstream {
       };
       server.addService(ReferenceStorageService, refs);
     }
-    const port = await new Promise<number>((resolve, reject) =>
-      server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    const bound = await new Promise<number>((resolve, reject) =>
+      server.bindAsync(`127.0.0.1:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
     );
     this.server = server;
-    this.url = `http://127.0.0.1:${port}`;
+    this.url = `http://127.0.0.1:${bound}`;
     return this.url;
   }
 
@@ -194,5 +198,16 @@ export class FakeUpstream {
     const server = this.server;
     if (!server) return;
     await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
+  }
+
+  /** Drops every connection and call at once, as a crashed or unplugged upstream would. */
+  kill(): void {
+    this.server?.forceShutdown();
+    this.server = undefined;
+  }
+
+  /** The port it serves on. */
+  get port(): number {
+    return Number(new URL(this.url).port);
   }
 }

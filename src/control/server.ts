@@ -1,0 +1,166 @@
+import { connect } from 'node:net';
+import { chmod, unlink } from 'node:fs/promises';
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { z } from 'zod';
+import type { VerifyReport } from '../cas/verify.js';
+import { MirrorError, describeError, errorMessage } from '../errors.js';
+import { toServiceError } from '../server/status.js';
+import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
+import {
+  type StatusReport,
+  type SyncEvent,
+  controlService,
+  controlSocketPath,
+  statusRequestSchema,
+  syncRequestSchema,
+  verifyRequestSchema,
+} from './protocol.js';
+
+export type ParsedSyncRequest = z.output<typeof syncRequestSchema>;
+export type ParsedVerifyRequest = z.output<typeof verifyRequestSchema>;
+
+/** What the daemon does for the CLI; the endpoint only decodes, validates and maps errors. */
+export interface ControlHandlers {
+  sync(request: ParsedSyncRequest, onProgress: (p: SyncProgress) => void, signal: AbortSignal): Promise<{ report: SyncReport; notes: string[] }>;
+  status(): Promise<StatusReport>;
+  verify(request: ParsedVerifyRequest): Promise<VerifyReport>;
+}
+
+/** Progress events sent at most this often; the last state is always sent before the report. */
+const PROGRESS_INTERVAL_MS = 200;
+
+/**
+ * The status of the one error table, with the whole cause chain in the message: the CLI prints
+ * it as it would print the error itself (and tells environment failures by it).
+ */
+function controlError(err: unknown, log: Logger, method: string): Partial<grpc.ServiceError> {
+  const e = toServiceError(err, log, method);
+  const details = describeError(err);
+  return { ...e, details, message: details };
+}
+
+function parse<S extends z.ZodType>(schema: S, request: unknown, version: string): z.output<S> {
+  const parsed = schema.safeParse(request);
+  if (!parsed.success) throw new MirrorError('INVALID_ARGUMENT', `invalid control request: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(request)'}: ${i.message}`).join('; ')}`);
+  const data = parsed.data as z.output<S> & { version: string };
+  if (data.version !== version) {
+    throw new MirrorError('CONFIG_INVALID', `the running daemon is bst-cache-mirror ${version} and this command is ${data.version}: restart the daemon after an upgrade`);
+  }
+  return data;
+}
+
+/** The control endpoint on `<dir>/control.sock`, readable and writable by its owner only. */
+export class ControlServer {
+  private constructor(
+    private readonly server: grpc.Server,
+    readonly path: string,
+  ) {}
+
+  static async start(dir: string, version: string, handlers: ControlHandlers, log: Logger): Promise<ControlServer> {
+    const path = controlSocketPath(dir);
+    await removeStaleSocket(path);
+    const server = new grpc.Server();
+    server.addService(controlService, {
+      sync: (call: grpc.ServerWritableStream<unknown, SyncEvent>) => {
+        const abort = new AbortController();
+        call.on('cancelled', () => abort.abort());
+        let last = 0;
+        let pending: SyncProgress | undefined;
+        const flush = (): void => {
+          if (pending && !call.cancelled) call.write({ progress: pending });
+          pending = undefined;
+        };
+        Promise.resolve()
+          .then(() => parse(syncRequestSchema, call.request, version))
+          .then((request) =>
+            handlers.sync(
+              request,
+              (p) => {
+                pending = p;
+                const now = Date.now();
+                if (now - last >= PROGRESS_INTERVAL_MS) {
+                  last = now;
+                  flush();
+                }
+              },
+              abort.signal,
+            ),
+          )
+          .then(
+            ({ report, notes }) => {
+              flush();
+              if (call.cancelled) return;
+              call.write({ report, notes });
+              call.end();
+            },
+            (err: unknown) => {
+              if (!call.cancelled) call.emit('error', controlError(err, log, 'control.Sync'));
+            },
+          );
+      },
+      status: (call: grpc.ServerUnaryCall<unknown, StatusReport>, callback: grpc.sendUnaryData<StatusReport>) => {
+        Promise.resolve()
+          .then(() => parse(statusRequestSchema, call.request, version))
+          .then(() => handlers.status())
+          .then(
+            (report) => callback(null, report),
+            (err: unknown) => callback(controlError(err, log, 'control.Status')),
+          );
+      },
+      verify: (call: grpc.ServerUnaryCall<unknown, VerifyReport>, callback: grpc.sendUnaryData<VerifyReport>) => {
+        Promise.resolve()
+          .then(() => handlers.verify(parse(verifyRequestSchema, call.request, version)))
+          .then(
+            (report) => callback(null, report),
+            (err: unknown) => callback(controlError(err, log, 'control.Verify')),
+          );
+      },
+    });
+    // Created owner-only: no moment at which another user could connect.
+    const umask = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => server.bindAsync(`unix:${path}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())));
+    } catch (err) {
+      throw new MirrorError('CONFIG_INVALID', `cannot create the control socket ${path}: ${errorMessage(err)}`, { cause: err });
+    } finally {
+      process.umask(umask);
+    }
+    await chmod(path, 0o600);
+    log.info({ path }, 'control endpoint listening');
+    return new ControlServer(server, path);
+  }
+
+  async stop(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        this.server.forceShutdown();
+        resolve();
+      }, 2000);
+      this.server.tryShutdown(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    await unlink(this.path).catch(() => undefined);
+  }
+}
+
+/**
+ * A socket file left by a daemon that died (kill -9) refuses connections: remove it. One that
+ * answers belongs to a live daemon, but the store's lock would have stopped us before this.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  const alive = await new Promise<boolean>((resolve) => {
+    const socket = connect(path);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+  });
+  if (alive) throw new MirrorError('STORE_LOCKED', `another bst-cache-mirror daemon answers on ${path}`);
+  await unlink(path).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw new MirrorError('CONFIG_INVALID', `cannot remove the stale control socket ${path}: ${err.message}`, { cause: err });
+  });
+}

@@ -1,0 +1,436 @@
+import { isDeepStrictEqual } from 'node:util';
+import { CronJob } from 'cron';
+import type { Logger } from 'pino';
+import { DiskContentStore } from '../cas/disk-store.js';
+import { parseUserName } from '../cas/names.js';
+import { type VerifyReport, verifyStore } from '../cas/verify.js';
+import type { Config, UpstreamConfig } from '../config/config.js';
+import { type ConfigOverrides, loadConfig } from '../config/load.js';
+import type { StatusReport, Trigger } from '../control/protocol.js';
+import { type ControlHandlers, ControlServer, type ParsedSyncRequest } from '../control/server.js';
+import { MirrorError, errorMessage } from '../errors.js';
+import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
+import { GrpcUpstream, type Upstream, type UpstreamSpec } from '../remote/upstream.js';
+import { MirrorServer } from '../server/server.js';
+import { SendBudget } from '../server/send-budget.js';
+import { projectNames } from '../sync/project-names.js';
+import { readRefsPath } from '../sync/refs-file.js';
+import { type SyncProgress, type SyncReport, syncNames } from '../sync/sync-job.js';
+import { VERSION } from '../version.js';
+import { PullThrough } from './pull-through.js';
+import { type DaemonTables, daemonTables, storedStatus } from './state.js';
+import { type RunRequest, type RunResult, SyncRunner } from './sync-runner.js';
+import { type Watch, isProjectFile, watchPaths } from './watch.js';
+
+export interface DaemonOptions {
+  /** The config file, watched and reloaded; undefined for a daemon built from a Config alone (tests). */
+  readonly configFile?: string | undefined;
+  /** Flags that override the file, re-applied on every reload. */
+  readonly overrides?: ConfigOverrides;
+  readonly log: Logger;
+  /** Run the configured selection once at start-up (default: when there is anything to sync). */
+  readonly syncAtStart?: boolean;
+}
+
+/** The upstreams of one config, each behind its health breaker. */
+interface UpstreamSet {
+  readonly configs: readonly UpstreamConfig[];
+  readonly upstreams: readonly HealthCheckedUpstream[];
+}
+
+/**
+ * The composition root: one process that owns the store and serves it, keeps it fresh on a
+ * schedule and on file changes, fetches misses, tracks upstream health and answers the CLI. It
+ * wires the parts together and decides nothing itself.
+ */
+export class Daemon {
+  private servers: MirrorServer[] = [];
+  private control: ControlServer | undefined;
+  private schedule: CronJob | undefined;
+  private selectionWatch: Watch | undefined;
+  private configWatch: Watch | undefined;
+  private upstreamSet: UpstreamSet = { configs: [], upstreams: [] };
+  /** Upstream sets replaced by a reload, closed once no run uses them. */
+  private retired: UpstreamSet[] = [];
+  private configError: { at: number; message: string } | undefined;
+  private readonly startedAt = Date.now();
+  private stopping: Promise<void> | undefined;
+  private readonly runner: SyncRunner;
+  private readonly pullThrough: PullThrough;
+
+  private constructor(
+    private config: Config,
+    private readonly store: DiskContentStore,
+    private readonly tables: DaemonTables,
+    private readonly options: DaemonOptions,
+    private readonly log: Logger,
+  ) {
+    this.runner = new SyncRunner((request, ctx) => this.runJob(request, ctx.signal, ctx.onProgress), tables.runs, log.child({ part: 'sync' }));
+    this.pullThrough = new PullThrough({
+      mode: config.sync.onMiss,
+      missWaitMs: config.sync.missWaitMs,
+      fetchName: (urn) => this.fetchMissed(urn),
+      misses: tables.misses,
+      log: log.child({ part: 'pull-through' }),
+    });
+    this.runner.onRunEnd((result, request) => {
+      // A completed run of the selection is the point at which upstreams' answers are fresh.
+      if (request.kind === 'configured' && result.record.outcome !== 'error') this.pullThrough.clearNegativeCache();
+    });
+  }
+
+  /** Opens the store, starts listeners, the control endpoint, the schedule and the watchers. */
+  static async start(config: Config, options: DaemonOptions): Promise<Daemon> {
+    const log = options.log;
+    // The daemon is the store's only writer: temp files a crashed process left go now.
+    const store = await DiskContentStore.open(config.dir, log, { removeStaleTemp: true, recheckAfterMs: config.serve.recheckAfterMs });
+    const daemon = new Daemon(config, store, daemonTables(store), options, log);
+    try {
+      await daemon.startParts();
+    } catch (err) {
+      await daemon.stop();
+      throw err;
+    }
+    return daemon;
+  }
+
+  /** The addresses the gRPC listeners bound, in config order. */
+  get addresses(): string[] {
+    return this.servers.map((s) => s.address);
+  }
+
+  get controlPath(): string | undefined {
+    return this.control?.path;
+  }
+
+  /** Resolves when no sync run is under way or waiting and no pull-through fetch runs. */
+  async onIdle(): Promise<void> {
+    await this.runner.onIdle();
+    await this.pullThrough.onIdle();
+  }
+
+  /** Calls `fn` with the record of every run as it ends (tests await runs instead of sleeping). */
+  onRunEnd(fn: (record: RunResult['record']) => void): void {
+    this.runner.onRunEnd((result) => fn(result.record));
+  }
+
+  /** Requests a run of the configured selection, as a trigger would. */
+  requestSync(trigger: Trigger): ReturnType<SyncRunner['request']> {
+    return this.runner.request(trigger);
+  }
+
+  private async startParts(): Promise<void> {
+    const { config, log } = this;
+    this.upstreamSet = await this.buildUpstreams(config.upstreams);
+    const budget = new SendBudget(config.serve.limits.sendBudgetBytes);
+    for (const listener of config.listen) {
+      this.servers.push(
+        await MirrorServer.start(this.store, {
+          listen: listener.address,
+          maxBatchBytes: config.serve.maxBatchBytes,
+          log,
+          limits: config.serve.limits,
+          // All listeners share one memory budget.
+          sendBudget: budget,
+          missHandler: this.pullThrough,
+        }),
+      );
+    }
+    this.control = await ControlServer.start(config.dir, VERSION, this.controlHandlers(), log.child({ part: 'control' }));
+    this.applySchedule();
+    await this.applyWatches();
+    if (this.options.configFile) {
+      const file = this.options.configFile;
+      this.configWatch = watchPaths({ paths: [file], debounceMs: 200, onChange: () => void this.reload(), log });
+      await this.configWatch.ready;
+    }
+    log.info({ listen: this.addresses, control: this.controlPath, upstreams: config.upstreams.map((u) => u.name), schedule: config.sync.schedule }, 'daemon started');
+    if (this.options.syncAtStart ?? hasSelection(config)) void this.runner.request({ kind: 'startup' });
+  }
+
+  /** Stops triggers, listeners (letting calls finish briefly), runs and fetches, then the store. */
+  stop(): Promise<void> {
+    this.stopping ??= this.shutdown();
+    return this.stopping;
+  }
+
+  private async shutdown(): Promise<void> {
+    const log = this.log;
+    log.info('daemon stopping: triggers');
+    await this.schedule?.stop();
+    await this.selectionWatch?.close();
+    await this.configWatch?.close();
+    log.info('daemon stopping: listeners');
+    await Promise.all(this.servers.map((s) => s.stop()));
+    await this.control?.stop();
+    log.info('daemon stopping: sync runs and pull-through fetches');
+    await this.runner.stop();
+    await this.pullThrough.close();
+    for (const set of [this.upstreamSet, ...this.retired]) for (const u of set.upstreams) u.close();
+    await this.store.close();
+    log.info('daemon stopped');
+  }
+
+  private async buildUpstreams(configs: readonly UpstreamConfig[]): Promise<UpstreamSet> {
+    const upstreams: HealthCheckedUpstream[] = [];
+    try {
+      for (const c of configs) {
+        const health = await UpstreamHealth.load(c.name, {
+          policy: this.config.health,
+          table: this.tables.health,
+          log: this.log,
+        });
+        upstreams.push(new HealthCheckedUpstream(await GrpcUpstream.create(c.spec), health));
+      }
+    } catch (err) {
+      for (const u of upstreams) u.close();
+      throw err;
+    }
+    return { configs, upstreams };
+  }
+
+  private applySchedule(): void {
+    const expression = this.config.sync.schedule;
+    if (this.schedule && this.schedule.cronTime.source === expression) return;
+    void this.schedule?.stop();
+    this.schedule = undefined;
+    if (expression === undefined) return;
+    this.schedule = CronJob.from({
+      cronTime: expression,
+      onTick: () => void this.runner.request({ kind: 'schedule', detail: expression }),
+      start: true,
+    });
+  }
+
+  private async applyWatches(): Promise<void> {
+    await this.selectionWatch?.close();
+    this.selectionWatch = undefined;
+    const { sync } = this.config;
+    const refsPaths = new Set(sync.refsFiles);
+    const projectPaths = sync.projects.map((p) => p.path);
+    if (refsPaths.size === 0 && projectPaths.length === 0) return;
+    this.selectionWatch = watchPaths({
+      paths: [...refsPaths, ...projectPaths],
+      relevant: (path) => isUnder(path, [...refsPaths]) || isProjectFile(path),
+      debounceMs: sync.watchDebounceMs,
+      onChange: (changed) => {
+        const first = changed[0] ?? '';
+        const kind = isUnder(first, [...refsPaths]) ? 'refs-file' : 'project';
+        this.log.info({ changed, trigger: kind }, 'watched files changed: syncing');
+        void this.runner.request({ kind, detail: first });
+      },
+      log: this.log,
+    });
+    await this.selectionWatch.ready;
+  }
+
+  /** Reloads the config file: on success applies selection, schedule, upstreams and pull-through; on failure keeps the running config. */
+  async reload(): Promise<void> {
+    const file = this.options.configFile;
+    if (!file) return;
+    let next: Config;
+    try {
+      next = await loadConfig(file, this.options.overrides);
+    } catch (err) {
+      this.configError = { at: Date.now(), message: errorMessage(err) };
+      this.log.error({ err: errorMessage(err) }, 'config reload failed: keeping the running config');
+      return;
+    }
+    this.configError = undefined;
+    const old = this.config;
+    const restartNeeded = ['dir', 'listen', 'serve'].filter((k) => !isDeepStrictEqual(old[k as keyof Config], next[k as keyof Config]));
+    if (restartNeeded.length > 0) this.log.warn({ keys: restartNeeded }, 'config reload: these keys take effect at the next restart');
+    const applied: Config = { ...next, dir: old.dir, listen: old.listen, serve: old.serve, logLevel: old.logLevel };
+    if (!isDeepStrictEqual(old.upstreams, next.upstreams) || !isDeepStrictEqual(old.health, next.health)) {
+      try {
+        this.config = applied;
+        const fresh = await this.buildUpstreams(next.upstreams);
+        this.retired.push(this.upstreamSet);
+        this.upstreamSet = fresh;
+        void this.runner.onIdle().then(() => this.closeRetired());
+      } catch (err) {
+        this.config = old;
+        this.configError = { at: Date.now(), message: errorMessage(err) };
+        this.log.error({ err: errorMessage(err) }, 'config reload failed: keeping the running config');
+        return;
+      }
+    }
+    this.config = applied;
+    this.pullThrough.configure(next.sync.onMiss, next.sync.missWaitMs);
+    this.applySchedule();
+    if (!isDeepStrictEqual(old.sync.refsFiles, next.sync.refsFiles) || !isDeepStrictEqual(old.sync.projects, next.sync.projects) || old.sync.watchDebounceMs !== next.sync.watchDebounceMs) {
+      await this.applyWatches();
+    }
+    this.log.info({ upstreams: next.upstreams.map((u) => u.name), schedule: next.sync.schedule }, 'config reloaded');
+    if (!isDeepStrictEqual(old.sync, next.sync) || !isDeepStrictEqual(old.upstreams, next.upstreams)) void this.runner.request({ kind: 'config', detail: file });
+  }
+
+  private closeRetired(): void {
+    if (this.runner.running || this.pullThrough.inFlight > 0) return;
+    for (const set of this.retired.splice(0)) for (const u of set.upstreams) u.close();
+  }
+
+  /** The names a configured run mirrors: refs, refs files, projects' elements and recorded misses. */
+  private async selection(signal: AbortSignal): Promise<{ names: string[]; notes: string[] }> {
+    const { sync } = this.config;
+    const names = new Set<string>(sync.refs);
+    const notes: string[] = [];
+    for (const path of sync.refsFiles) {
+      try {
+        for (const name of await readRefsPath(path)) names.add(name);
+      } catch (err) {
+        notes.push(`refs file ${path}: ${errorMessage(err)}`);
+      }
+    }
+    for (const project of sync.projects) {
+      try {
+        const found = await projectNames(project, { signal });
+        for (const name of found.names) names.add(name);
+        for (const s of found.skipped) notes.push(`project ${project.path}: skipped ${s.element}: ${s.reason}`);
+      } catch (err) {
+        notes.push(`project ${project.path}: ${errorMessage(err)}`);
+      }
+    }
+    for (const urn of await this.pullThrough.namesToSync()) names.add(urn);
+    // A bad line in a refs file is reported, not fatal to the rest of the selection.
+    const valid: string[] = [];
+    for (const name of names) {
+      try {
+        parseUserName(name);
+        valid.push(name);
+      } catch (err) {
+        notes.push(errorMessage(err));
+      }
+    }
+    return { names: valid, notes };
+  }
+
+  private async runJob(request: RunRequest, signal: AbortSignal, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
+    const { sync } = this.config;
+    const set = this.upstreamSet;
+    if (request.kind === 'names') {
+      const report = await syncNames({
+        store: this.store,
+        upstreams: request.upstreams ?? set.upstreams,
+        names: request.names,
+        withBuildtrees: request.withBuildtrees ?? sync.withBuildtrees,
+        concurrency: sync.concurrency,
+        log: this.log,
+        onProgress,
+        signal,
+      });
+      return { report, notes: [] };
+    }
+    const { names, notes } = await this.selection(signal);
+    if (set.upstreams.length === 0 && names.length > 0) throw new MirrorError('CONFIG_INVALID', 'no upstreams configured: nothing to sync from');
+    const report = await syncNames({
+      store: this.store,
+      upstreams: set.upstreams,
+      names,
+      withBuildtrees: sync.withBuildtrees,
+      concurrency: sync.concurrency,
+      log: this.log,
+      onProgress,
+      signal,
+    });
+    await this.pullThrough.settle(report.results.map((r) => ({ urn: r.urn ?? r.input, status: r.status, reason: r.reason }))).catch((err: unknown) => {
+      this.log.warn({ err }, 'could not update recorded misses');
+    });
+    this.closeRetired();
+    return { report, notes };
+  }
+
+  /** Pull-through: a sync of one name, beside the runs (it only adds blobs and that name). */
+  private async fetchMissed(urn: string): Promise<{ status: SyncReport['results'][number]['status']; reason?: string | undefined }> {
+    const set = this.upstreamSet;
+    if (set.upstreams.length === 0) return { status: 'missing', reason: 'no upstreams configured' };
+    const report = await syncNames({ store: this.store, upstreams: set.upstreams, names: [urn], concurrency: this.config.sync.concurrency, log: this.log });
+    const result = report.results[0];
+    return { status: result?.status ?? 'failed', reason: result?.reason };
+  }
+
+  private controlHandlers(): ControlHandlers {
+    return {
+      sync: (request, onProgress, signal) => this.cliSync(request, onProgress, signal),
+      status: () => this.status(),
+      verify: (request) => this.verify(request.repair, request.prune),
+    };
+  }
+
+  /** `sync` from the CLI: names (or projects) given once, or a run of the configured selection. */
+  private async cliSync(request: ParsedSyncRequest, onProgress: (p: SyncProgress) => void, signal: AbortSignal): Promise<{ report: SyncReport; notes: string[] }> {
+    const names = [...request.names];
+    const notes: string[] = [];
+    for (const project of request.projects) {
+      const found = await projectNames(project, { signal });
+      names.push(...found.names);
+      for (const s of found.skipped) notes.push(`project ${project.path}: skipped ${s.element}: ${s.reason}`);
+    }
+    if (request.upstreams !== undefined && request.upstreams.length > 0) {
+      // The CLI named its own upstreams: a one-off run through them, in the runner's turn.
+      const upstreams: Upstream[] = [];
+      try {
+        for (const spec of request.upstreams) upstreams.push(await GrpcUpstream.create(spec as UpstreamSpec));
+        const result = await this.runner.request({ kind: 'cli' }, { kind: 'names', names, withBuildtrees: request.withBuildtrees, upstreams }, onProgress);
+        return this.cliResult(result, notes);
+      } finally {
+        for (const u of upstreams) u.close();
+      }
+    }
+    const run: RunRequest = names.length > 0 || request.projects.length > 0 ? { kind: 'names', names, withBuildtrees: request.withBuildtrees } : { kind: 'configured' };
+    const result = await this.runner.request({ kind: 'cli' }, run, onProgress);
+    return this.cliResult(result, notes);
+  }
+
+  private cliResult(result: Awaited<ReturnType<SyncRunner['request']>>, notes: string[]): { report: SyncReport; notes: string[] } {
+    if (!result.report) throw new MirrorError('UPSTREAM_ERROR', `the sync run failed: ${result.record.error ?? 'unknown error'}`);
+    return { report: result.report, notes: [...notes, ...(result.record.notes ?? [])] };
+  }
+
+  private async verify(repair: boolean, prune: boolean): Promise<VerifyReport> {
+    // Verify needs the store still: no run or fetch may write while it looks (or repairs).
+    return this.runner.exclusive(async () => {
+      const resume = this.pullThrough.pause();
+      try {
+        await this.pullThrough.onIdle();
+        return await verifyStore(this.store, { repair, prune, log: this.log });
+      } finally {
+        resume();
+      }
+    });
+  }
+
+  async status(): Promise<StatusReport> {
+    const stored = await storedStatus(this.store, this.tables, this.config.upstreams.map((u) => u.name));
+    const running = this.runner.running;
+    return {
+      ...stored,
+      upstreams: stored.upstreams.map((u) => {
+        const live = this.upstreamSet.upstreams[this.config.upstreams.findIndex((c) => c.name === u.name)];
+        return live ? { ...u, ...live.health.state } : u;
+      }),
+      daemon: {
+        pid: process.pid,
+        startedAt: this.startedAt,
+        configFile: this.options.configFile,
+        listen: this.addresses,
+        schedule: this.config.sync.schedule,
+        nextRunAt: this.schedule?.nextDate().toMillis(),
+        onMiss: this.config.sync.onMiss,
+        pullThroughInFlight: this.pullThrough.inFlight,
+        running,
+        waitingRuns: this.runner.waiting,
+        configError: this.configError,
+        watching: [...this.config.sync.refsFiles, ...this.config.sync.projects.map((p) => p.path)],
+      },
+    };
+  }
+}
+
+function hasSelection(config: Config): boolean {
+  return config.upstreams.length > 0 && (config.sync.refs.length > 0 || config.sync.refsFiles.length > 0 || config.sync.projects.length > 0);
+}
+
+function isUnder(path: string, roots: readonly string[]): boolean {
+  return roots.some((root) => path === root || path.startsWith(`${root}/`));
+}

@@ -1,0 +1,297 @@
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { type Server, type Socket, createServer } from 'node:net';
+import { join } from 'node:path';
+import test from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { DiskContentStore } from '../src/cas/disk-store.js';
+import { URN_PREFIX } from '../src/cas/names.js';
+import { verifyStore } from '../src/cas/verify.js';
+import { parseConfig } from '../src/config/load.js';
+import type { RunRecord, StatusReport } from '../src/control/protocol.js';
+import { Daemon } from '../src/daemon/daemon.js';
+import { FetchClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
+import { silentLogger } from '../src/log.js';
+import { FakeUpstream } from './helpers/fake-upstream.js';
+import { runCli, tempDir } from './helpers/mirror.js';
+
+const KEY = 'a'.repeat(64);
+const REF_A = `proj/a/${KEY}`;
+const REF_B = `proj/b/${'b'.repeat(64)}`;
+
+/** A 1.x upstream holding refs A and B, each a small tree. */
+async function refsUpstream(t: test.TestContext): Promise<FakeUpstream> {
+  const up = new FakeUpstream('reference-storage');
+  up.refs.set(REF_A, up.addDirectory({ files: [{ name: 'a', digest: up.add('file of a\n') }] }));
+  up.refs.set(REF_B, up.addDirectory({ files: [{ name: 'b', digest: up.add('file of b\n') }] }));
+  await up.start();
+  t.after(() => up.stop());
+  return up;
+}
+
+function config(dir: string, yaml: string) {
+  return parseConfig(`dir: ${dir}\nlisten: ["127.0.0.1:0"]\nlog-level: silent\n${yaml}`, join(dir, 'mirror.yaml'));
+}
+
+async function startDaemon(t: test.TestContext, dir: string, yaml: string, options: { syncAtStart?: boolean } = {}): Promise<Daemon> {
+  const daemon = await Daemon.start(config(dir, yaml), { log: silentLogger(), ...options });
+  t.after(() => daemon.stop());
+  return daemon;
+}
+
+/** Resolves with the first run record (from now on) that `match` accepts. */
+function nextRun(daemon: Daemon, match: (r: RunRecord) => boolean = () => true): Promise<RunRecord> {
+  return new Promise((resolve) => daemon.onRunEnd((r) => match(r) && resolve(r)));
+}
+
+function fetchClient(t: test.TestContext, address: string): FetchClient {
+  const client = new FetchClient(address, grpc.credentials.createInsecure());
+  t.after(() => client.close());
+  return client;
+}
+
+function fetchDirectory(client: FetchClient, uri: string): Promise<{ code: grpc.status; ms: number }> {
+  const started = Date.now();
+  return new Promise((resolve) => {
+    client.fetchDirectory({ instanceName: '', uris: [uri], qualifiers: [], digestFunction: 0 }, new grpc.Metadata(), { deadline: Date.now() + 30_000 }, (err) =>
+      resolve({ code: err ? err.code : grpc.status.OK, ms: Date.now() - started }),
+    );
+  });
+}
+
+test('daemon: sync, status and verify from the CLI go through the running daemon (no lock error)', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  await startDaemon(t, dir, `upstreams:\n  - name: central\n    url: ${up.url}\n`);
+  const sync = await runCli(['sync', '--dir', dir, '--ref', REF_A]);
+  assert.equal(sync.code, 0, sync.stderr);
+  assert.match(sync.stdout, /mirrored 1, already present 0, missing upstream 0, failed 0 \(of 1 names\)/);
+  const again = await runCli(['sync', '--dir', dir, '--ref', REF_A, '--ref', `proj/c/${'c'.repeat(64)}`]);
+  assert.equal(again.code, 1);
+  assert.match(again.stdout, /already present 1, missing upstream 1/);
+  // With no names, the CLI asks for a run of the configured selection (empty here).
+  const configured = await runCli(['sync', '--dir', dir]);
+  assert.equal(configured.code, 0, configured.stderr);
+
+  const status = await runCli(['status', '--dir', dir, '--json']);
+  assert.equal(status.code, 0, status.stderr);
+  const report = JSON.parse(status.stdout) as StatusReport;
+  assert.equal(report.daemon?.pid !== undefined, true);
+  assert.equal(report.store.names, 1);
+  assert.equal(report.runs.length, 3);
+  assert.deepEqual(report.runs.map((r) => r.triggers.map((x) => x.kind).join()), ['cli', 'cli', 'cli']);
+  assert.equal(report.upstreams[0]?.name, 'central');
+  assert.equal(report.upstreams[0]?.state, 'online');
+  const human = await runCli(['status', '--dir', dir]);
+  assert.match(human.stdout, /daemon: running/);
+  assert.match(human.stdout, /central: online/);
+
+  const verify = await runCli(['verify', '--dir', dir]);
+  assert.equal(verify.code, 0, verify.stderr);
+  assert.match(verify.stdout, /store is consistent/);
+  assert.doesNotMatch(`${sync.stderr}${status.stderr}${verify.stderr}`, /lock/i);
+});
+
+test('daemon: a cron schedule and a changed refs file each trigger a run; a burst of changes makes one run', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  const refsDir = join(dir, 'refs.d');
+  await mkdir(refsDir);
+  await writeFile(join(refsDir, 'a.refs'), `${REF_A}\n`);
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\nsync:\n  refs-files: [${refsDir}]\n  watch-debounce: 300ms\n`, { syncAtStart: false });
+  // The refs file trigger (chokidar): adding B is seen and mirrored.
+  const fromFile = nextRun(daemon, (r) => r.triggers.some((x) => x.kind === 'refs-file'));
+  await writeFile(join(refsDir, 'a.refs'), `${REF_A}\n${REF_B}\n`);
+  const run = await fromFile;
+  assert.equal(run.outcome, 'ok');
+  assert.deepEqual(run.names, { mirrored: 2, present: 0, missing: 0, failed: 0 });
+  await daemon.onIdle();
+
+  // Thirty files written at once (a `git pull`) make one run, not thirty.
+  const runs: RunRecord[] = [];
+  daemon.onRunEnd((r) => runs.push(r));
+  const burst = nextRun(daemon);
+  await Promise.all(Array.from({ length: 30 }, (_, i) => writeFile(join(refsDir, `more-${i}.refs`), `${REF_A}\n`)));
+  await burst;
+  await daemon.onIdle();
+  assert.equal(runs.length, 1);
+  assert.deepEqual(runs[0]?.names, { mirrored: 0, present: 2, missing: 0, failed: 0 });
+});
+
+test('daemon: the cron schedule triggers runs', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  // Every second (cron's optional seconds field).
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\nsync:\n  refs: [${REF_A}]\n  schedule: "* * * * * *"\n`, { syncAtStart: false });
+  const scheduled = await nextRun(daemon, (r) => r.triggers.some((x) => x.kind === 'schedule'));
+  assert.equal(scheduled.outcome, 'ok');
+  const status = await daemon.status();
+  assert.ok((status.daemon?.nextRunAt ?? 0) > Date.now() - 1000);
+});
+
+test('daemon: an upstream killed mid-sync fails the run cleanly, and the next run completes', async (t) => {
+  const up = new FakeUpstream('remote-asset');
+  const big = randomBytes(24 << 20);
+  const bigDigest = up.add(big);
+  const urn = `${URN_PREFIX}source:killed/${KEY}`;
+  up.assets.set(urn, up.addDirectory({ files: [{ name: 'big', digest: bigDigest }, { name: 'small', digest: up.add('small\n') }] }));
+  // Stall after 4 MiB so the kill lands mid-stream, then kill it.
+  up.stallAfterBytes = 4 << 20;
+  await up.start();
+  const port = up.port;
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\n    read-idle-timeout: 20s\nsync:\n  refs: [${urn}]\n`, { syncAtStart: false });
+  const first = daemon.requestSync({ kind: 'cli' });
+  // Killed as soon as the stream has stalled.
+  while (up.stalledReads.size === 0) await new Promise((resolve) => setImmediate(resolve));
+  up.kill();
+  const failed = await first;
+  assert.equal(failed.record.outcome, 'partial', JSON.stringify(failed.report?.results));
+  assert.equal(failed.record.names.failed, 1);
+  assert.equal(failed.record.outages.length, 1, `the outage is reported once: ${JSON.stringify(failed.report?.results)}`);
+  const status = await daemon.status();
+  assert.equal(status.store.names, 0, 'nothing half-indexed');
+
+  up.stallAfterBytes = undefined;
+  await up.start(port);
+  const second = await daemon.requestSync({ kind: 'cli' });
+  assert.equal(second.record.outcome, 'ok');
+  assert.equal(second.record.names.mirrored, 1);
+  await daemon.stop();
+  const store = await DiskContentStore.open(dir, silentLogger(), { create: false });
+  try {
+    const v = await verifyStore(store, { repair: false, prune: false, log: silentLogger() });
+    assert.equal(v.badBlobs.length + v.brokenNames.length + v.badUnindexed.length, 0);
+    assert.equal(v.unindexed.count, 0);
+  } finally {
+    await store.close();
+  }
+});
+
+/** A TCP listener that accepts connections and never sends a byte. */
+async function silentListener(t: test.TestContext): Promise<{ url: string; connections: () => number }> {
+  const sockets = new Set<Socket>();
+  let accepted = 0;
+  const server: Server = createServer((socket) => {
+    accepted += 1;
+    sockets.add(socket);
+    socket.on('error', () => undefined);
+    socket.on('close', () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(async () => {
+    for (const s of sockets) s.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  });
+  const address = server.address();
+  assert.ok(address && typeof address === 'object');
+  return { url: `http://127.0.0.1:${address.port}`, connections: () => accepted };
+}
+
+test('daemon: an upstream that accepts TCP and never answers ends the run at its deadline, is marked offline, and then costs clients nothing, also after a restart', async (t) => {
+  const silent = await silentListener(t);
+  const dir = await tempDir(t);
+  const yaml = `upstreams:\n  - name: dead\n    url: ${silent.url}\n    rpc-timeout: 1s\nsync:\n  refs: [${REF_A}]\n  miss-wait: 20s\nhealth:\n  failures-to-offline: 1\n  probe-interval: 1h\n  probe-max-interval: 2h\n`;
+  const daemon = await startDaemon(t, dir, yaml, { syncAtStart: false });
+  const run = await daemon.requestSync({ kind: 'cli' });
+  assert.equal(run.record.outcome, 'partial');
+  assert.equal(run.record.outages.length, 1);
+  assert.match(run.record.outages[0]?.reason ?? '', /DEADLINE_EXCEEDED|offline/);
+  // The run ended within its deadlines (1 s per call), not a TCP timeout.
+  assert.ok(run.record.endedAt - run.record.startedAt < 15_000, `run took ${run.record.endedAt - run.record.startedAt} ms`);
+  let status = await daemon.status();
+  assert.equal(status.upstreams[0]?.state, 'offline');
+
+  // A miss now answers NOT_FOUND at once: no fetch waits on the dead upstream.
+  const client = fetchClient(t, daemon.addresses[0] ?? '');
+  const miss = await fetchDirectory(client, `${URN_PREFIX}source:dead/${KEY}`);
+  assert.equal(miss.code, grpc.status.NOT_FOUND);
+  assert.ok(miss.ms < 900, `a miss took ${miss.ms} ms with the upstream offline`);
+  // A sync reports the outage once; names it holds would be present.
+  const again = await daemon.requestSync({ kind: 'cli' });
+  assert.match(again.record.outages[0]?.reason ?? '', /dead is offline since/);
+  assert.ok(again.record.endedAt - again.record.startedAt < 900);
+  await daemon.stop();
+
+  const restarted = await startDaemon(t, dir, yaml, { syncAtStart: false });
+  status = await restarted.status();
+  assert.equal(status.upstreams[0]?.state, 'offline', 'the offline state survives a restart');
+  const client2 = fetchClient(t, restarted.addresses[0] ?? '');
+  const miss2 = await fetchDirectory(client2, `${URN_PREFIX}source:dead/${'d'.repeat(64)}`);
+  assert.equal(miss2.code, grpc.status.NOT_FOUND);
+  assert.ok(miss2.ms < 900, `a miss took ${miss2.ms} ms after the restart`);
+});
+
+test('daemon: pull-through: N concurrent misses make one upstream fetch; names missing upstream are remembered until the next sync', async (t) => {
+  const up = new FakeUpstream('remote-asset');
+  const urn = `${URN_PREFIX}source:pulled/${KEY}`;
+  up.assets.set(urn, up.addDirectory({ files: [{ name: 'f', digest: up.add('pulled through\n') }] }));
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\nsync:\n  on-miss: fetch\n  miss-wait: 20s\n`, { syncAtStart: false });
+  const client = fetchClient(t, daemon.addresses[0] ?? '');
+  const answers = await Promise.all(Array.from({ length: 12 }, () => fetchDirectory(client, urn)));
+  assert.deepEqual(answers.map((a) => a.code), Array(12).fill(grpc.status.OK));
+  assert.equal(up.askedUris.filter((u) => u === urn).length, 1, 'one upstream fetch for twelve clients');
+
+  const absent = `${URN_PREFIX}source:absent/${KEY}`;
+  assert.equal((await fetchDirectory(client, absent)).code, grpc.status.NOT_FOUND);
+  assert.equal((await fetchDirectory(client, absent)).code, grpc.status.NOT_FOUND);
+  assert.equal(up.askedUris.filter((u) => u === absent).length, 1, 'the second miss is answered from the negative cache');
+  const status = await daemon.status();
+  assert.equal(status.misses.recent.find((m) => m.urn === absent)?.lastOutcome, 'missing');
+  // A completed run of the selection (which includes the recorded miss) clears the negative cache.
+  const run = await daemon.requestSync({ kind: 'cli' });
+  assert.equal(run.record.names.missing, 1);
+  assert.equal((await fetchDirectory(client, absent)).code, grpc.status.NOT_FOUND);
+  assert.equal(up.askedUris.filter((u) => u === absent).length, 3);
+});
+
+test('daemon: on-miss record only records; the next run fetches the recorded names', async (t) => {
+  const up = new FakeUpstream('remote-asset');
+  const urn = `${URN_PREFIX}source:later/${KEY}`;
+  up.assets.set(urn, up.addDirectory({ files: [{ name: 'f', digest: up.add('recorded, fetched later\n') }] }));
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\nsync:\n  on-miss: record\n`, { syncAtStart: false });
+  const client = fetchClient(t, daemon.addresses[0] ?? '');
+  assert.equal((await fetchDirectory(client, urn)).code, grpc.status.NOT_FOUND);
+  assert.equal(up.askedUris.length, 0);
+  const run = await daemon.requestSync({ kind: 'cli' });
+  assert.equal(run.record.names.mirrored, 1);
+  assert.equal((await fetchDirectory(client, urn)).code, grpc.status.OK);
+  assert.equal((await daemon.status()).misses.total, 0);
+});
+
+test('daemon: an invalid config edit is reported and the running config kept; a valid one is applied without dropping clients', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  const file = join(dir, 'mirror.yaml');
+  const base = `dir: ${dir}\nlisten: ["127.0.0.1:0"]\nlog-level: silent\nupstreams:\n  - url: ${up.url}\nsync:\n  refs: [${REF_A}]\n`;
+  await writeFile(file, base);
+  const { loadConfig } = await import('../src/config/load.js');
+  const daemon = await Daemon.start(await loadConfig(file), { configFile: file, log: silentLogger(), syncAtStart: false });
+  t.after(() => daemon.stop());
+  const client = fetchClient(t, daemon.addresses[0] ?? '');
+  assert.equal((await fetchDirectory(client, `${URN_PREFIX}source:x/${KEY}`)).code, grpc.status.NOT_FOUND);
+
+  await writeFile(file, `${base}  schedule: "not cron"\n`);
+  await daemon.reload();
+  const bad = await daemon.status();
+  assert.match(bad.daemon?.configError?.message ?? '', /sync\.schedule/);
+  assert.equal(bad.daemon?.schedule, undefined);
+
+  const applied = nextRun(daemon, (r) => r.triggers.some((x) => x.kind === 'config'));
+  await writeFile(file, base.replace(`refs: [${REF_A}]`, `refs: [${REF_A}, ${REF_B}]`));
+  await daemon.reload();
+  const run = await applied;
+  assert.equal(run.names.mirrored, 2);
+  assert.equal((await daemon.status()).daemon?.configError, undefined);
+  // The same client connection still works.
+  assert.equal((await fetchDirectory(client, `${URN_PREFIX}source:x/${KEY}`)).code, grpc.status.NOT_FOUND);
+  assert.deepEqual(await readdir(dir).then((f) => f.includes('control.sock')), true);
+});
