@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { type Server, type Socket, createServer } from 'node:net';
@@ -14,7 +15,7 @@ import { Daemon } from '../src/daemon/daemon.js';
 import { FetchClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
 import { silentLogger } from '../src/log.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
-import { runCli, tempDir } from './helpers/mirror.js';
+import { CLI, REPO_ROOT, runCli, tempDir } from './helpers/mirror.js';
 
 const KEY = 'a'.repeat(64);
 const REF_A = `proj/a/${KEY}`;
@@ -294,4 +295,60 @@ test('daemon: an invalid config edit is reported and the running config kept; a 
   // The same client connection still works.
   assert.equal((await fetchDirectory(client, `${URN_PREFIX}source:x/${KEY}`)).code, grpc.status.NOT_FOUND);
   assert.deepEqual(await readdir(dir).then((f) => f.includes('control.sock')), true);
+});
+
+/** `bst-cache-mirror serve --config FILE` as a child process; resolves once it prints its address. */
+function serveWithConfig(t: test.TestContext, file: string): Promise<{ child: ChildProcess; address: string; exited: Promise<number | null> }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', CLI, 'serve', '--config', file], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  t.after(async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    await exited;
+  });
+  let out = '';
+  let err = '';
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  return new Promise((resolve, reject) => {
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      const m = / on (\S+)\n/.exec(out);
+      if (m?.[1]) resolve({ child, address: m[1], exited });
+    });
+    void exited.then((code) => reject(new Error(`serve exited with ${code}: ${err}`)));
+  });
+}
+
+test('daemon: serve --config from the CLI; after kill -9 the stale control socket is detected, and a restart replaces it', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  const file = join(dir, 'mirror.yaml');
+  await writeFile(file, `dir: ${dir}\nlisten: ["127.0.0.1:0"]\nlog-level: warn\nupstreams:\n  - name: central\n    url: ${up.url}\nsync:\n  refs: [${REF_A}]\n`);
+  const first = await serveWithConfig(t, file);
+  const synced = await runCli(['sync', '--dir', dir]);
+  assert.equal(synced.code, 0, synced.stderr);
+  const running = await runCli(['status', '--dir', dir]);
+  assert.match(running.stdout, /daemon: running/);
+  first.child.kill('SIGKILL');
+  await first.exited;
+  // The socket file is still there, but nobody answers: status reads the store itself.
+  const stale = await runCli(['status', '--dir', dir]);
+  assert.equal(stale.code, 0, stale.stderr);
+  assert.match(stale.stdout, /daemon: not running/);
+  assert.match(stale.stdout, /central: online/);
+  assert.match(stale.stdout, /cli|startup/);
+  const second = await serveWithConfig(t, file);
+  const again = await runCli(['status', '--dir', dir, '--json']);
+  assert.equal((JSON.parse(again.stdout) as StatusReport).store.names, 1);
+  second.child.kill('SIGTERM');
+  assert.equal(await second.exited, 0);
+});
+
+test('daemon: serve --config refuses a bad file with exit 2, naming the key', async (t) => {
+  const dir = await tempDir(t);
+  const file = join(dir, 'mirror.yaml');
+  await writeFile(file, `dir: ${dir}\nupstreams:\n  - url: http://127.0.0.1:1\n    colour: blue\nsync:\n  on-miss: maybe\n`);
+  const result = await runCli(['serve', '--config', file]);
+  assert.equal(result.code, 2);
+  assert.match(result.stderr, /upstreams\[0\]: unknown key 'colour'/);
+  assert.match(result.stderr, /sync\.on-miss/);
 });

@@ -1,13 +1,13 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readdir, writeFile } from 'node:fs/promises';
+import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { toWire } from '../src/cas/digest.js';
 import { URN_PREFIX } from '../src/cas/names.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
-import { call, readAll, runCli, startMirror, tempDir } from './helpers/mirror.js';
+import { REPO_ROOT, call, readAll, runCli, startMirror, tempDir } from './helpers/mirror.js';
 
 const REF = `proj/el/${'1'.repeat(64)}`;
 
@@ -126,4 +126,13 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
   assert.match(missing.stdout, /missing: proj\/el\/1+: no upstream has urn:fdc:buildstream.build:2020:artifact:proj\/el\/1+ or urn:fdc:buildstream.build:2020:v1:proj\/el\/1+/);
   // Nothing outside the data directory was touched, and no temp file was left.
   assert.deepEqual(await readdir(join(dir, 'tmp')), []);
+});
+
+test('README: the CLI reference is the real --help output', async () => {
+  const readme = await readFile(join(REPO_ROOT, 'README.md'), 'utf8');
+  for (const command of [[], ['serve'], ['sync'], ['status'], ['verify']]) {
+    const help = await runCli([...command, '--help']);
+    assert.equal(help.code, 0);
+    assert.ok(readme.includes(`\`\`\`\n${help.stdout.trimEnd()}\n\`\`\``), `README's CLI reference is out of date for '${command.join(' ') || '(top level)'} --help': regenerate it`);
+  }
 });

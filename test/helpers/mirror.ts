@@ -13,7 +13,7 @@ import { silentLogger } from '../../src/log.js';
 import { MirrorServer } from '../../src/server/server.js';
 
 export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const CLI = join(REPO_ROOT, 'src/cli/main.ts');
+export const CLI = join(REPO_ROOT, 'src/cli/main.ts');
 
 type After = { after(fn: () => Promise<void> | void): void };
 
