@@ -1,9 +1,9 @@
-import { connect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import type { VerifyReport } from '../cas/verify.js';
 import { MirrorError, type MirrorErrorCode } from '../errors.js';
 import { ERROR_CODE_KEY } from '../server/status.js';
 import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
+import { socketAnswers } from './socket.js';
 import { type StatusReport, type SyncEvent, type SyncRequest, controlService, controlSocketPath } from './protocol.js';
 
 const CONTROL_CODES: ReadonlySet<string> = new Set<MirrorErrorCode>([
@@ -35,14 +35,7 @@ export class ControlClient {
   static async connect(dir: string): Promise<ControlClient | undefined> {
     const path = controlSocketPath(dir);
     // A socket file without a listener is what a killed daemon leaves: no daemon.
-    const alive = await new Promise<boolean>((resolve) => {
-      const socket = connect(path);
-      socket.once('connect', () => {
-        socket.destroy();
-        resolve(true);
-      });
-      socket.once('error', () => resolve(false));
-    });
+    const alive = await socketAnswers(path);
     if (!alive) return undefined;
     return new ControlClient(new ControlGrpcClient(`unix:${path}`, grpc.credentials.createInsecure()), path);
   }

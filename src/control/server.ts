@@ -1,4 +1,3 @@
-import { connect } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
@@ -7,6 +6,7 @@ import type { VerifyReport } from '../cas/verify.js';
 import { MirrorError, describeError, errorMessage } from '../errors.js';
 import { toServiceError } from '../server/status.js';
 import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
+import { socketAnswers } from './socket.js';
 import {
   type StatusReport,
   type SyncEvent,
@@ -151,14 +151,7 @@ export class ControlServer {
  * answers belongs to a live daemon, but the store's lock would have stopped us before this.
  */
 async function removeStaleSocket(path: string): Promise<void> {
-  const alive = await new Promise<boolean>((resolve) => {
-    const socket = connect(path);
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
+  const alive = await socketAnswers(path);
   if (alive) throw new MirrorError('STORE_LOCKED', `another bst-cache-mirror daemon answers on ${path}`);
   await unlink(path).catch((err: NodeJS.ErrnoException) => {
     if (err.code !== 'ENOENT') throw new MirrorError('CONFIG_INVALID', `cannot remove the stale control socket ${path}: ${err.message}`, { cause: err });

@@ -165,6 +165,7 @@ export class SyncRunner {
     this.log.info({ run: id, triggers: current.triggers, what: current.request.kind }, 'sync run starting');
     let record: RunRecord;
     let report: SyncReport | undefined;
+    const base = () => ({ id, triggers: current.triggers, what: current.request.kind, startedAt, endedAt: this.now() });
     try {
       const out = await this.job(current.request, {
         signal: this.abort.signal,
@@ -177,11 +178,7 @@ export class SyncRunner {
       const names: Record<NameStatus, number> = { mirrored: 0, present: 0, missing: 0, failed: 0 };
       for (const r of report.results) names[r.status] += 1;
       record = {
-        id,
-        triggers: current.triggers,
-        what: current.request.kind,
-        startedAt,
-        endedAt: this.now(),
+        ...base(),
         outcome: names.missing + names.failed === 0 ? 'ok' : 'partial',
         names,
         blobs: report.blobsTransferred,
@@ -190,19 +187,7 @@ export class SyncRunner {
         notes: out.notes.length > 0 ? out.notes : undefined,
       };
     } catch (err) {
-      record = {
-        id,
-        triggers: current.triggers,
-        what: current.request.kind,
-        startedAt,
-        endedAt: this.now(),
-        outcome: 'error',
-        names: { mirrored: 0, present: 0, missing: 0, failed: 0 },
-        blobs: 0,
-        bytes: 0,
-        outages: [],
-        error: errorMessage(err),
-      };
+      record = { ...base(), outcome: 'error', names: { mirrored: 0, present: 0, missing: 0, failed: 0 }, blobs: 0, bytes: 0, outages: [], error: errorMessage(err) };
     }
     const level = record.outcome === 'ok' ? 'info' : 'warn';
     this.log[level]({ run: id, outcome: record.outcome, names: record.names, blobs: record.blobs, bytes: record.bytes, outages: record.outages, error: record.error }, 'sync run ended');
