@@ -286,9 +286,9 @@ test('daemon: an invalid config edit is reported and the running config kept; a 
   assert.match(bad.daemon?.configError?.message ?? '', /sync\.schedule/);
   assert.equal(bad.daemon?.schedule, undefined);
 
+  // The valid edit is picked up by the file watcher (no explicit reload).
   const applied = nextRun(daemon, (r) => r.triggers.some((x) => x.kind === 'config'));
   await writeFile(file, base.replace(`refs: [${REF_A}]`, `refs: [${REF_A}, ${REF_B}]`));
-  await daemon.reload();
   const run = await applied;
   assert.equal(run.names.mirrored, 2);
   assert.equal((await daemon.status()).daemon?.configError, undefined);
@@ -351,4 +351,23 @@ test('daemon: serve --config refuses a bad file with exit 2, naming the key', as
   assert.equal(result.code, 2);
   assert.match(result.stderr, /upstreams\[0\]: unknown key 'colour'/);
   assert.match(result.stderr, /sync\.on-miss/);
+});
+
+test('daemon: with every upstream down, a run reports the names the mirror holds as present and the outage once', async (t) => {
+  const up = await refsUpstream(t);
+  const dir = await tempDir(t);
+  const daemon = await startDaemon(t, dir, `upstreams:\n  - url: ${up.url}\n    rpc-timeout: 2s\nsync:\n  refs: [${REF_A}, ${REF_B}]\n`, { syncAtStart: false });
+  assert.equal((await daemon.requestSync({ kind: 'cli' })).record.names.mirrored, 2);
+  up.kill();
+  const down = await daemon.requestSync({ kind: 'cli' });
+  assert.deepEqual(down.record.names, { mirrored: 0, present: 2, missing: 0, failed: 0 });
+  assert.equal(down.record.outages.length, 1);
+  assert.equal(down.record.outcome, 'ok');
+  assert.match(down.report?.results[0]?.reason ?? '', /no upstream reachable/);
+  // And it still serves them.
+  const client = fetchClient(t, daemon.addresses[0] ?? '');
+  const held = await new Promise<grpc.status>((resolve) =>
+    client.fetchDirectory({ instanceName: '', uris: [`${URN_PREFIX}v1:${REF_A}`], qualifiers: [], digestFunction: 0 }, (err) => resolve(err ? err.code : grpc.status.OK)),
+  );
+  assert.equal(held, grpc.status.OK);
 });
