@@ -151,6 +151,9 @@ async function main(argv: string[]): Promise<number> {
             defaultDescription: String(DEFAULT_MAX_REQUEST_BYTES),
             describe: 'Largest request message; larger ones are refused (RESOURCE_EXHAUSTED) before they are read',
           })
+          .option('server-cert', { type: 'string', describe: 'PEM certificate to serve https with (every --listen address), with --server-key' })
+          .option('server-key', { type: 'string', describe: 'PEM private key of --server-cert' })
+          .option('client-certs', { type: 'string', describe: 'PEM bundle of client certificates allowed in; clients without one are refused' })
           .check((a) => {
             const given = (v: number | undefined): v is number => v !== undefined;
             if (given(a['recheck-hours']) && !(a['recheck-hours'] >= 0)) throw new Error('--recheck-hours must be a number >= 0');
@@ -180,6 +183,9 @@ async function main(argv: string[]): Promise<number> {
           maxConnections: a['max-connections'],
           maxStreamsPerConnection: a['max-streams-per-connection'],
           maxRequestBytes: a['max-request-bytes'],
+          serverCertFile: a['server-cert'],
+          serverKeyFile: a['server-key'],
+          clientCertsFile: a['client-certs'],
         };
         const base = a.config === undefined ? parseConfig('', '(command line)', { ...overrides, dir: a.dir ?? defaultDataDir() }) : await loadConfig(a.config, overrides);
         const config = withServeFlags(base, flags);

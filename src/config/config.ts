@@ -23,6 +23,15 @@ export interface Config {
 export interface ListenerConfig {
   /** `host:port`. */
   readonly address: string;
+  /** Serve https with this certificate and key; with `clientCertsFile`, only to clients holding one of those certificates. */
+  readonly tls?: ListenerTls | undefined;
+}
+
+export interface ListenerTls {
+  readonly certFile: string;
+  readonly keyFile: string;
+  /** PEM bundle of the client certificates allowed in (like bst-artifact-server --client-certs). */
+  readonly clientCertsFile?: string | undefined;
 }
 
 export interface ServeConfig {

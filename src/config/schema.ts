@@ -18,7 +18,7 @@ import {
   DEFAULT_STALL_TIMEOUT_MS,
   splitListen,
 } from '../server/server.js';
-import type { Config, UpstreamConfig } from './config.js';
+import type { Config, ListenerConfig, UpstreamConfig } from './config.js';
 import { DEFAULT_LISTEN, defaultDataDir } from './defaults.js';
 
 /*
@@ -105,7 +105,31 @@ export function configSchema(configDir: string) {
 
   const listener = z.preprocess(
     (v) => (typeof v === 'string' ? { address: v } : v),
-    z.strictObject({ address: listenAddress }, { error: (iss) => (iss.code === 'invalid_type' ? "expected 'HOST:PORT' or a mapping with an address" : undefined) }),
+    z
+      .strictObject(
+        {
+          address: listenAddress,
+          'server-cert': path.optional(),
+          'server-key': path.optional(),
+          'client-certs': path.optional(),
+        },
+        { error: (iss) => (iss.code === 'invalid_type' ? "expected 'HOST:PORT' or a mapping with an address" : undefined) },
+      )
+      .transform((l, ctx): ListenerConfig => {
+        const problem =
+          (l['server-cert'] === undefined) !== (l['server-key'] === undefined) ? 'server-cert and server-key must be given together'
+          : l['client-certs'] !== undefined && l['server-cert'] === undefined ? 'client-certs needs TLS: give server-cert and server-key too'
+          : undefined;
+        if (problem !== undefined) {
+          ctx.issues.push({ code: 'custom', message: problem, input: l });
+          return z.NEVER;
+        }
+        if (l['server-cert'] === undefined || l['server-key'] === undefined) return { address: l.address };
+        return {
+          address: l.address,
+          tls: { certFile: l['server-cert'], keyFile: l['server-key'], ...(l['client-certs'] !== undefined && { clientCertsFile: l['client-certs'] }) },
+        };
+      }),
   );
 
   const serve = z
@@ -228,7 +252,7 @@ export function configSchema(configDir: string) {
       (d): Config => ({
         dir: d.dir,
         logLevel: d['log-level'],
-        listen: d.listen.map((l) => ({ address: l.address })),
+        listen: d.listen,
         serve: {
           maxBatchBytes: d.serve['max-batch-bytes'],
           recheckAfterMs: Math.round(d.serve['recheck-hours'] * HOUR),

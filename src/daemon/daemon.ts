@@ -4,14 +4,15 @@ import type { Logger } from 'pino';
 import { DiskContentStore } from '../cas/disk-store.js';
 import { parseUserName } from '../cas/names.js';
 import { type VerifyReport, verifyStore } from '../cas/verify.js';
-import type { Config, UpstreamConfig } from '../config/config.js';
+import type { Config, ListenerConfig, UpstreamConfig } from '../config/config.js';
 import { type ConfigOverrides, loadConfig } from '../config/load.js';
 import type { StatusReport, Trigger } from '../control/protocol.js';
 import { type ControlHandlers, ControlServer, type ParsedSyncRequest } from '../control/server.js';
 import { MirrorError, errorMessage } from '../errors.js';
 import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
 import { GrpcUpstream, type Upstream, type UpstreamSpec } from '../remote/upstream.js';
-import { MirrorServer } from '../server/server.js';
+import { MirrorServer, type ServerTls } from '../server/server.js';
+import { readPem } from '../pem.js';
 import { SendBudget } from '../server/send-budget.js';
 import { projectNames } from '../sync/project-names.js';
 import { readRefsPath } from '../sync/refs-file.js';
@@ -133,6 +134,7 @@ export class Daemon {
           // All listeners share one memory budget.
           sendBudget: budget,
           missHandler: this.pullThrough,
+          tls: await readListenerTls(listener),
         }),
       );
     }
@@ -425,6 +427,16 @@ export class Daemon {
       },
     };
   }
+}
+
+async function readListenerTls(listener: ListenerConfig): Promise<ServerTls | undefined> {
+  const { tls } = listener;
+  if (!tls) return undefined;
+  return {
+    cert: await readPem(tls.certFile, 'server certificate'),
+    key: await readPem(tls.keyFile, 'server key'),
+    clientCerts: tls.clientCertsFile === undefined ? undefined : await readPem(tls.clientCertsFile, 'client certificates'),
+  };
 }
 
 function hasSelection(config: Config): boolean {

@@ -1,5 +1,3 @@
-import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
 import { connect as connectTls } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { FetchClient } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
@@ -10,6 +8,7 @@ import {
 import { ReferenceStorageClient } from '../gen/buildstream/v2/buildstream.js';
 import { ByteStreamClient } from '../gen/google/bytestream/bytestream.js';
 import { MirrorError, errorMessage } from '../errors.js';
+import { checkPem, readOptional } from '../pem.js';
 
 /** How to reach one gRPC server: its URL, instance name, TLS and token settings. */
 export interface EndpointSpec {
@@ -189,34 +188,4 @@ export function parseUpstreamUrl(url: string): { target: string; tls: boolean } 
   const tls = parsed.protocol === 'https:';
   const port = parsed.port || (tls ? '443' : '80');
   return { target: `${parsed.hostname}:${port}`, tls };
-}
-
-async function readOptional(file: string | undefined, what: string): Promise<Buffer | undefined> {
-  if (file === undefined) return undefined;
-  try {
-    return await readFile(file);
-  } catch (err) {
-    throw new MirrorError('CONFIG_INVALID', `cannot read the ${what} file ${file}: ${errorMessage(err)}`, { cause: err });
-  }
-}
-
-const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
-
-/**
- * Parses certificate and key files when the upstream is configured, so a wrong file is a
- * configuration error naming it, not a TLS failure on the first connection.
- */
-function checkPem(file: string | undefined, pem: Buffer | undefined, what: 'server certificate' | 'client certificate' | 'client key'): void {
-  if (file === undefined || pem === undefined) return;
-  try {
-    if (what === 'client key') {
-      createPrivateKey(pem);
-      return;
-    }
-    const certificates = pem.toString('utf8').match(PEM_CERTIFICATE) ?? [];
-    if (certificates.length === 0) throw new Error('no PEM certificate (-----BEGIN CERTIFICATE-----) in it');
-    for (const certificate of certificates) new X509Certificate(certificate);
-  } catch (err) {
-    throw new MirrorError('CONFIG_INVALID', `the ${what} file ${file} is not a PEM ${what === 'client key' ? 'private key' : 'certificate'}: ${errorMessage(err)}`, { cause: err });
-  }
 }

@@ -48,9 +48,10 @@ export class ConnectionListener {
     grpcServer: grpc.Server,
     host: string,
     port: number,
-    options: { maxConnections: number; silentTimeoutMs: number; limits: LimitLog; listen: string },
+    options: { maxConnections: number; silentTimeoutMs: number; limits: LimitLog; listen: string; credentials?: grpc.ServerCredentials },
   ): Promise<ConnectionListener> {
-    const injector = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
+    // grpc-js runs the TLS handshake itself on injected connections when the credentials are secure.
+    const injector = grpcServer.createConnectionInjector(options.credentials ?? grpc.ServerCredentials.createInsecure());
     const server = net.createServer();
     server.maxConnections = options.maxConnections;
     const bound = await new Promise<number>((resolve, reject) => {

@@ -74,6 +74,15 @@ export interface ServeOptions {
   readonly limitEpisodeQuietMs?: number;
   /** Asked about names clients want and the store lacks (pull-through); none: plain NOT_FOUND. */
   readonly missHandler?: MissHandler;
+  /** Serve https; with `clientCerts`, only to clients presenting one of those certificates. */
+  readonly tls?: ServerTls | undefined;
+}
+
+/** PEM contents (already read and checked) of a listener's certificate, key and allowed client certificates. */
+export interface ServerTls {
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  readonly clientCerts?: Buffer | undefined;
 }
 
 /** BuildStream 1.6 caps batches at 1 MiB whatever the server says; 2.x follows the server. */
@@ -132,6 +141,9 @@ export class MirrorServer {
       silentTimeoutMs: limits.idleTimeoutMs * 2,
       limits: limitLog,
       listen: options.listen,
+      ...(options.tls && {
+        credentials: grpc.ServerCredentials.createSsl(options.tls.clientCerts ?? null, [{ cert_chain: options.tls.cert, private_key: options.tls.key }], options.tls.clientCerts !== undefined),
+      }),
     });
     log.info({ address: listener.address, limits }, 'serving');
     return new MirrorServer(server, listener, limitLog, new IdleCollector(budget), listener.address, budget, limits, log);
