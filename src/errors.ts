@@ -13,6 +13,7 @@ export type MirrorErrorCode =
   | 'DIGEST_MISMATCH' // content does not hash to the digest it was stored or sent under
   | 'BLOB_CORRUPT' // an object file on disk no longer matches its digest (bit rot)
   | 'READ_ONLY' // a write to the pull-only mirror
+  | 'CLOSURE_INCOMPLETE' // a pushed name whose blobs are not all uploaded yet
   | 'UPSTREAM_UNAVAILABLE' // an upstream could not be reached
   | 'UPSTREAM_ERROR' // an upstream answered with an unexpected error
   | 'STORE_LOCKED' // another process holds the store's index

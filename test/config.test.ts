@@ -17,7 +17,7 @@ const EXAMPLE = fileURLToPath(new URL('../config/example.yaml', import.meta.url)
 const DEFAULTS: Config = {
   dir: defaultDataDir(),
   logLevel: 'info',
-  listen: [{ address: '0.0.0.0:11001' }],
+  listen: [{ address: '0.0.0.0:11001', push: false }],
   serve: {
     maxBatchBytes: 1 << 20,
     recheckAfterMs: 24 * 3_600_000,
@@ -94,7 +94,7 @@ health:
 const FULL_CONFIG: Config = {
   dir: '/etc/mirror/data',
   logLevel: 'debug',
-  listen: [{ address: '127.0.0.1:0' }, { address: '[::1]:11001' }],
+  listen: [{ address: '127.0.0.1:0', push: false }, { address: '[::1]:11001', push: false }],
   serve: {
     maxBatchBytes: 2 << 20,
     recheckAfterMs: 1_800_000,
@@ -120,10 +120,12 @@ const FULL_CONFIG: Config = {
         rpcTimeoutMs: 60_000,
         readIdleTimeoutMs: 45_000,
       },
+      push: false,
     },
     {
       name: 'http://index:1 (index) + http://storage:2 (storage)',
       spec: { url: 'http://index:1', instanceName: 'i', rpcTimeoutMs: 60_000, storage: { url: 'http://storage:2', instanceName: 'i', rpcTimeoutMs: 60_000 }, readIdleTimeoutMs: 30_000 },
+      push: false,
     },
   ],
   sync: {
@@ -168,7 +170,7 @@ test('valid documents give whole Config objects', () => {
     {
       name: 'url upstream: name defaults to the url',
       yaml: 'upstreams: [{ url: "http://a:1" }]\n',
-      expected: { ...DEFAULTS, upstreams: [{ name: 'http://a:1', spec: { url: 'http://a:1', instanceName: '', rpcTimeoutMs: 60_000, readIdleTimeoutMs: 30_000 } }] },
+      expected: { ...DEFAULTS, upstreams: [{ name: 'http://a:1', spec: { url: 'http://a:1', instanceName: '', rpcTimeoutMs: 60_000, readIdleTimeoutMs: 30_000 }, push: false }] },
     },
     {
       name: 'index/storage pair: both endpoints share TLS, token and instance',
@@ -187,6 +189,7 @@ test('valid documents give whole Config objects', () => {
               storage: { url: 'https://s:2', instanceName: '', rpcTimeoutMs: 60_000, serverCertFile: '/etc/mirror/ca.pem', accessTokenFile: '/etc/mirror/t' },
               readIdleTimeoutMs: 30_000,
             },
+            push: false,
           },
         ],
       },
@@ -203,10 +206,10 @@ test('flags override the file', () => {
     ...DEFAULTS,
     dir: 'flag-dir',
     logLevel: 'trace',
-    listen: [{ address: '127.0.0.1:0' }, { address: '[::]:2' }],
+    listen: [{ address: '127.0.0.1:0', push: false }, { address: '[::]:2', push: false }],
   });
   // Absent (or empty) overrides leave the file's values.
-  assert.deepEqual(parseConfig(yaml, FILE, { listen: [] }), { ...DEFAULTS, dir: '/data', logLevel: 'warn', listen: [{ address: '0.0.0.0:1' }] });
+  assert.deepEqual(parseConfig(yaml, FILE, { listen: [] }), { ...DEFAULTS, dir: '/data', logLevel: 'warn', listen: [{ address: '0.0.0.0:1', push: false }] });
   assert.throws(() => parseConfig(yaml, FILE, { listen: ['nope'] }), (e: unknown) => isMirrorError(e, 'CONFIG_INVALID') && /--listen 'nope'/.test(e.message));
 });
 
@@ -284,6 +287,6 @@ test('config/example.yaml parses, and documents the defaults', async () => {
   const config = await loadConfig(EXAMPLE);
   assert.deepEqual(config, {
     ...DEFAULTS,
-    upstreams: [{ name: 'central', spec: { url: 'https://cache.example.com:11002', instanceName: '', rpcTimeoutMs: 60_000, readIdleTimeoutMs: 30_000 } }],
+    upstreams: [{ name: 'central', spec: { url: 'https://cache.example.com:11002', instanceName: '', rpcTimeoutMs: 60_000, readIdleTimeoutMs: 30_000 }, push: false }],
   });
 });

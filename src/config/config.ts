@@ -25,6 +25,10 @@ export interface ListenerConfig {
   readonly address: string;
   /** Serve https with this certificate and key; with `clientCertsFile`, only to clients holding one of those certificates. */
   readonly tls?: ListenerTls | undefined;
+  /** Accept pushes here (needs client certificates or an access token). */
+  readonly push: boolean;
+  /** File holding the bearer token push clients must send. */
+  readonly accessTokenFile?: string | undefined;
 }
 
 export interface ListenerTls {
@@ -45,6 +49,8 @@ export interface UpstreamConfig {
   readonly name: string;
   /** What GrpcUpstream.create takes (url or index/storage pair, TLS, token, instance name). */
   readonly spec: UpstreamSpec;
+  /** Replicate names pushed to the mirror (or imported from local caches) to this upstream. */
+  readonly push: boolean;
 }
 
 export type OnMiss = 'fetch' | 'record' | 'off';

@@ -62,7 +62,7 @@ export function parseConfig(text: string, file: string, overrides: ConfigOverrid
     ...config,
     dir: overrides.dir ?? config.dir,
     logLevel: overrides.logLevel ?? config.logLevel,
-    listen: listen ? listen.map((address) => ({ address })) : config.listen,
+    listen: listen ? listen.map((address) => ({ address, push: false })) : config.listen,
   };
 }
 

@@ -112,6 +112,8 @@ export function configSchema(configDir: string) {
           'server-cert': path.optional(),
           'server-key': path.optional(),
           'client-certs': path.optional(),
+          push: z.boolean().default(false),
+          'access-token': path.optional(),
         },
         { error: (iss) => (iss.code === 'invalid_type' ? "expected 'HOST:PORT' or a mapping with an address" : undefined) },
       )
@@ -120,13 +122,19 @@ export function configSchema(configDir: string) {
           (l['server-cert'] === undefined) !== (l['server-key'] === undefined) ? 'server-cert and server-key must be given together'
           : l['client-certs'] !== undefined && l['server-cert'] === undefined ? 'client-certs needs TLS: give server-cert and server-key too'
           : undefined;
-        if (problem !== undefined) {
-          ctx.issues.push({ code: 'custom', message: problem, input: l });
+        const pushProblem =
+          l['access-token'] !== undefined && !l.push ? 'access-token is for push listeners (push: true); pull-only listeners need none'
+          : l.push && l['client-certs'] === undefined && l['access-token'] === undefined ? 'a push listener must authenticate its clients: give client-certs (with server-cert and server-key) or access-token'
+          : undefined;
+        if (problem !== undefined || pushProblem !== undefined) {
+          ctx.issues.push({ code: 'custom', message: problem ?? pushProblem ?? '', input: l });
           return z.NEVER;
         }
-        if (l['server-cert'] === undefined || l['server-key'] === undefined) return { address: l.address };
+        const push = { push: l.push, ...(l['access-token'] !== undefined && { accessTokenFile: l['access-token'] }) };
+        if (l['server-cert'] === undefined || l['server-key'] === undefined) return { address: l.address, ...push };
         return {
           address: l.address,
+          ...push,
           tls: { certFile: l['server-cert'], keyFile: l['server-key'], ...(l['client-certs'] !== undefined && { clientCertsFile: l['client-certs'] }) },
         };
       }),
@@ -162,6 +170,7 @@ export function configSchema(configDir: string) {
       'instance-name': z.string().default(''),
       'read-idle-timeout': duration({ min: 0, minExclusive: true, max: HOUR }).default(DEFAULT_READ_IDLE_TIMEOUT_MS),
       'rpc-timeout': duration({ min: 0, minExclusive: true, max: HOUR }).default(DEFAULT_RPC_TIMEOUT_MS),
+      push: z.boolean().default(false),
     })
     .transform((u, ctx): UpstreamConfig => {
       const pair = u.index !== undefined || u.storage !== undefined;
@@ -186,12 +195,12 @@ export function configSchema(configDir: string) {
       const readIdleTimeoutMs = u['read-idle-timeout'];
       if (u.url !== undefined) {
         const spec: UpstreamSpec = { ...shared, url: u.url, readIdleTimeoutMs };
-        return { name: u.name ?? u.url, spec };
+        return { name: u.name ?? u.url, spec, push: u.push };
       }
       const index = u.index ?? '';
       const storage = u.storage ?? '';
       const spec: UpstreamSpec = { ...shared, url: index, storage: { ...shared, url: storage }, readIdleTimeoutMs };
-      return { name: u.name ?? `${index} (index) + ${storage} (storage)`, spec };
+      return { name: u.name ?? `${index} (index) + ${storage} (storage)`, spec, push: u.push };
     });
 
   const project = z
@@ -240,7 +249,7 @@ export function configSchema(configDir: string) {
       {
         dir: path.default(() => defaultDataDir()),
         'log-level': z.enum(LOG_LEVELS).default('info'),
-        listen: z.array(listener).min(1, { error: 'give at least one address' }).default([{ address: DEFAULT_LISTEN }]),
+        listen: z.array(listener).min(1, { error: 'give at least one address' }).default([{ address: DEFAULT_LISTEN, push: false }]),
         serve,
         upstreams: z.array(upstream).default([]),
         sync,

@@ -16,6 +16,7 @@ const CONTROL_CODES: ReadonlySet<string> = new Set<MirrorErrorCode>([
   'DIGEST_MISMATCH',
   'BLOB_CORRUPT',
   'READ_ONLY',
+  'CLOSURE_INCOMPLETE',
   'UPSTREAM_UNAVAILABLE',
   'UPSTREAM_ERROR',
   'STORE_LOCKED',

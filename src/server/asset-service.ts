@@ -7,11 +7,12 @@ import {
   type PushServer,
 } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
-import { type Digest, toWire } from '../cas/digest.js';
+import { type Digest, fromWire, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName, parseUrn } from '../cas/names.js';
 import { closureProblem } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import type { MissHandler } from './miss-handler.js';
+import type { PushIntake } from './push-intake.js';
 import { guardedDefinition, readOnlyError, unary } from './handler.js';
 import { checkDigestFunction, checkInstanceName, checkNoQualifiers } from './request-checks.js';
 
@@ -39,6 +40,8 @@ export class AssetService {
     private readonly store: ContentStore,
     private readonly log: Logger,
     private readonly missHandler?: MissHandler,
+    /** Present on a push listener: PushBlob/PushDirectory record names; otherwise refused. */
+    private readonly intake?: PushIntake,
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
@@ -55,15 +58,45 @@ export class AssetService {
     // Refusing (rather than not registering) Push gives `bst push` a clear message; BuildStream
     // treats PERMISSION_DENIED on its empty PushBlob/PushDirectory probe as "no push here".
     const push: PushServer = {
-      pushBlob: unary(this.log, 'PushBlob', async () => {
-        throw readOnlyError('PushBlob');
+      pushBlob: unary(this.log, 'PushBlob', async (req, call) => {
+        if (!this.intake) throw readOnlyError('PushBlob');
+        const names = this.pushedNames(req, 'blob');
+        const digest = fromWire(req.blobDigest, 'blob_digest');
+        const referenced = {
+          blobs: req.referencesBlobs.map((d, i) => fromWire(d, `references_blobs[${i}]`)),
+          directories: req.referencesDirectories.map((d, i) => fromWire(d, `references_directories[${i}]`)),
+        };
+        await this.intake.recordNames(names, digest, referenced, call.getPeer());
+        return {};
       }),
-      pushDirectory: unary(this.log, 'PushDirectory', async () => {
-        throw readOnlyError('PushDirectory');
+      pushDirectory: unary(this.log, 'PushDirectory', async (req, call) => {
+        if (!this.intake) throw readOnlyError('PushDirectory');
+        const names = this.pushedNames(req, 'directory');
+        const digest = fromWire(req.rootDirectoryDigest, 'root_directory_digest');
+        await this.intake.recordNames(names, digest, { blobs: [], directories: [] }, call.getPeer());
+        return {};
       }),
     };
     server.addService(guardedDefinition(FetchService), fetch);
     server.addService(guardedDefinition(PushService), push);
+  }
+
+  /** The names of a push request; an empty one is INVALID_ARGUMENT, as BuildStream's push probe expects. */
+  private pushedNames(
+    req: { instanceName: string; uris: string[]; qualifiers: { name: string; value: string }[]; digestFunction: number },
+    want: 'blob' | 'directory',
+  ): MirrorName[] {
+    checkInstanceName(req.instanceName);
+    checkDigestFunction(req.digestFunction);
+    checkNoQualifiers(req.qualifiers);
+    if (req.uris.length === 0) throw new MirrorError('INVALID_ARGUMENT', 'at least one URI is required');
+    if (req.uris.length > MAX_URIS_PER_REQUEST) throw new MirrorError('INVALID_ARGUMENT', `at most ${MAX_URIS_PER_REQUEST} URIs per request, got ${req.uris.length}`);
+    const names = req.uris.map(parseUrn);
+    for (const name of names) {
+      const kind = isDirectoryName(name.kind) ? 'directory' : 'blob';
+      if (kind !== want) throw new MirrorError('INVALID_ARGUMENT', `'${name.urn}' names a ${kind}; use Push${kind === 'blob' ? 'Blob' : 'Directory'}`);
+    }
+    return names;
   }
 
   private async lookupFirst(uris: readonly string[], names: readonly MirrorName[]): Promise<{ uri: string; digest: Digest } | undefined> {

@@ -5,7 +5,8 @@ import type { ContentStore } from '../cas/content-store.js';
 import { digestKey, parseResourceName } from '../cas/digest.js';
 import { MirrorError } from '../errors.js';
 import { BYTES_FIELD_HEADROOM, type EncodedMessage, acceptingEncoded, encodeBytesField } from './encoded-message.js';
-import { clientStreamRefusal, guardedDefinition, readOnlyError, serverStream } from './handler.js';
+import { clientStream, clientStreamRefusal, guardedDefinition, readOnlyError, serverStream } from './handler.js';
+import type { PushIntake } from './push-intake.js';
 import { ResponseWriter, type SendBudget } from './send-budget.js';
 
 /** Bytes per ReadResponse: what the 1.x reference server and bst use, well under clients' 4 MiB limit. */
@@ -27,6 +28,8 @@ export class ByteStreamReadService {
     private readonly store: ContentStore,
     private readonly budget: SendBudget,
     private readonly log: Logger,
+    /** Present on a push listener: writes are taken; otherwise refused. */
+    private readonly intake?: PushIntake,
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
@@ -35,7 +38,9 @@ export class ByteStreamReadService {
       { ...definition, read: acceptingEncoded(definition.read) },
       {
         read: serverStream(this.log, 'ByteStream.Read', (req: ReadRequest, call: ReadCall) => this.read(req, call)),
-        write: clientStreamRefusal(this.log, 'ByteStream.Write', () => readOnlyError('ByteStream.Write')),
+        write: this.intake
+          ? clientStream(this.log, 'ByteStream.Write', async (call) => ({ committedSize: BigInt(await (this.intake as PushIntake).write(call)) }))
+          : clientStreamRefusal(this.log, 'ByteStream.Write', () => readOnlyError('ByteStream.Write')),
       },
     );
   }

@@ -13,6 +13,7 @@ import { checkMessageSize } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
+import type { PushIntake } from './push-intake.js';
 import { guardedDefinition, readOnlyError, serverStream, unary } from './handler.js';
 import { ResponseWriter, type SendBudget, holdForCall } from './send-budget.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
@@ -35,6 +36,8 @@ export class CasService {
     private readonly maxBatchBytes: number,
     private readonly budget: SendBudget,
     private readonly log: Logger,
+    /** Present on a push listener: writes are taken; otherwise refused. */
+    private readonly intake?: PushIntake,
   ) {}
 
   addToServer(server: Pick<grpc.Server, 'addService'>): void {
@@ -46,8 +49,9 @@ export class CasService {
         const digests = req.blobDigests.map((d, i) => fromWire(d, `blob_digests[${i}]`));
         return { missingBlobDigests: (await this.store.findMissing(digests)).map(toWire) };
       }),
-      batchUpdateBlobs: unary(log, 'BatchUpdateBlobs', async () => {
-        throw readOnlyError('BatchUpdateBlobs');
+      batchUpdateBlobs: unary(log, 'BatchUpdateBlobs', async (req) => {
+        if (!this.intake) throw readOnlyError('BatchUpdateBlobs');
+        return this.intake.batchUpdate(req);
       }),
       getTree: serverStream(log, 'GetTree', async (req, call) => {
         checkInstanceName(req.instanceName);

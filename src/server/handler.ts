@@ -31,7 +31,8 @@ export function guardedDefinition<D extends grpc.ServiceDefinition>(definition: 
   return guarded as unknown as D;
 }
 
-function checkDecoded(request: unknown): void {
+/** Throws INVALID_ARGUMENT for a request message that could not be decoded (see RejectedRequest). */
+export function checkDecoded(request: unknown): void {
   if (request instanceof RejectedRequest) throw new MirrorError('INVALID_ARGUMENT', request.reason);
 }
 
@@ -70,6 +71,26 @@ export function serverStream<Req, Res>(
         () => call.end(),
         (err: unknown) => {
           if (!call.cancelled) call.emit('error', toServiceError(err, log, method));
+        },
+      );
+  };
+}
+
+/** Adapts an async client-streaming handler: it reads the call and resolves with the response. */
+export function clientStream<Req, Res>(
+  log: Logger,
+  method: string,
+  fn: (call: grpc.ServerReadableStream<Req, Res>) => Promise<Res>,
+): grpc.handleClientStreamingCall<Req, Res> {
+  return (call, callback) => {
+    call.on('error', () => undefined);
+    Promise.resolve()
+      .then(() => fn(call))
+      .then(
+        (res) => callback(null, res),
+        (err: unknown) => {
+          callback(toServiceError(err, log, method));
+          call.destroy();
         },
       );
   };

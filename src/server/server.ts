@@ -8,6 +8,8 @@ import { callGuard } from './call-guard.js';
 import { CapabilitiesReadService } from './capabilities-service.js';
 import { CasService } from './cas-service.js';
 import type { MissHandler } from './miss-handler.js';
+import { PushIntake, type PushSink } from './push-intake.js';
+import { requireBearerToken } from './token-auth.js';
 import { IdleCollector } from './idle-gc.js';
 import { LimitLog } from './limit-log.js';
 import { ConnectionListener, defaultMaxConnections } from './listener.js';
@@ -76,6 +78,11 @@ export interface ServeOptions {
   readonly missHandler?: MissHandler;
   /** Serve https; with `clientCerts`, only to clients presenting one of those certificates. */
   readonly tls?: ServerTls | undefined;
+  /**
+   * Makes this a push listener: writes are taken and pushed names go to `sink`. It must
+   * authenticate its clients: `tls.clientCerts`, or `accessToken` (a bearer token every call must carry).
+   */
+  readonly push?: { readonly sink: PushSink; readonly accessToken?: string | undefined } | undefined;
 }
 
 /** PEM contents (already read and checked) of a listener's certificate, key and allowed client certificates. */
@@ -112,6 +119,10 @@ export class MirrorServer {
       new SendBudget(limits.sendBudgetBytes, (waiting) =>
         limitLog.hit('send-budget', `responses are waiting for memory: ${limits.sendBudgetBytes} bytes of response data are in flight (--send-budget-mib)`, { waiting }),
       );
+    const push = options.push;
+    if (push && options.tls?.clientCerts === undefined && !push.accessToken) {
+      throw new MirrorError('CONFIG_INVALID', `the push listener ${options.listen} must authenticate its clients: give it client-certs (with server-cert and server-key) or an access-token`);
+    }
     let listener: ConnectionListener | undefined;
     const server = new grpc.Server({
       // Refused from the length prefix, before the message is buffered (RESOURCE_EXHAUSTED).
@@ -121,6 +132,7 @@ export class MirrorServer {
       'grpc.max_concurrent_streams': limits.maxStreamsPerConnection,
       ...(limits.idleTimeoutMs > 0 ? { 'grpc.max_connection_idle_ms': limits.idleTimeoutMs } : {}),
       interceptors: [
+        ...(push?.accessToken ? [requireBearerToken(push.accessToken)] : []),
         callGuard({
           stallTimeoutMs: limits.stallTimeoutMs,
           maxStreamsPerConnection: limits.maxStreamsPerConnection,
@@ -130,10 +142,11 @@ export class MirrorServer {
       ],
     });
     new CapabilitiesReadService(options.maxBatchBytes, log).addToServer(server);
-    new CasService(store, options.maxBatchBytes, budget, log).addToServer(server);
-    new ByteStreamReadService(store, budget, log).addToServer(server);
-    new AssetService(store, log, options.missHandler).addToServer(server);
-    new ReferenceStorageReadService(store, log, options.missHandler).addToServer(server);
+    const intake = push ? new PushIntake(store, options.maxBatchBytes, push.sink, log) : undefined;
+    new CasService(store, options.maxBatchBytes, budget, log, intake).addToServer(server);
+    new ByteStreamReadService(store, budget, log, intake).addToServer(server);
+    new AssetService(store, log, options.missHandler, intake).addToServer(server);
+    new ReferenceStorageReadService(store, log, options.missHandler, intake).addToServer(server);
     const { host, port } = splitListen(options.listen);
     listener = await ConnectionListener.listen(server, host, port, {
       maxConnections: limits.maxConnections,

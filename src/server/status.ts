@@ -25,6 +25,8 @@ const TABLE: Record<MirrorErrorCode, grpc.status> = {
   // remote instead of failing the pull.
   BLOB_CORRUPT: grpc.status.NOT_FOUND,
   READ_ONLY: grpc.status.PERMISSION_DENIED,
+  // REAPI and Remote Asset: a name whose referenced blobs are absent is a failed precondition.
+  CLOSURE_INCOMPLETE: grpc.status.FAILED_PRECONDITION,
   UPSTREAM_UNAVAILABLE: grpc.status.UNAVAILABLE,
   UPSTREAM_ERROR: grpc.status.UNAVAILABLE,
   STORE_LOCKED: grpc.status.UNAVAILABLE,
