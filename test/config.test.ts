@@ -43,6 +43,7 @@ const DEFAULTS: Config = {
     watchDebounceMs: 2_000,
   },
   health: { failuresToOffline: 3, probeIntervalMs: 30_000, probeMaxIntervalMs: 600_000 },
+  replicate: { watch: [] },
 };
 
 const FULL = `
@@ -143,6 +144,7 @@ const FULL_CONFIG: Config = {
     watchDebounceMs: 500,
   },
   health: { failuresToOffline: 5, probeIntervalMs: 10_000, probeMaxIntervalMs: 3_600_000 },
+  replicate: { watch: [] },
 };
 
 test('valid documents give whole Config objects', () => {

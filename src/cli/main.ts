@@ -26,6 +26,7 @@ import { withStoreOrDaemon } from './daemon-or-store.js';
 import { formatBytes } from './format.js';
 import { type ServeFlags, withServeFlags } from './serve-flags.js';
 import { formatStatus } from './status-format.js';
+import { runPush } from './push-command.js';
 import { runSync } from './sync-command.js';
 import { UPSTREAM_OPTION_HELP, parseUpstreamOption } from './upstream-option.js';
 
@@ -252,6 +253,24 @@ async function main(argv: string[]): Promise<number> {
       },
     )
     .command(
+      'push',
+      'Import names from a BuildStream local cache and replicate them (or failed push jobs) to the upstreams with push: true',
+      (y) =>
+        y
+          .option('from', { type: 'string', describe: 'A BuildStream local cache directory (1.6 or 2.x layout) to import names from' })
+          .option('ref', { type: 'string', array: true, default: [], describe: 'Only these names of --from (URNs, or 1.x refs PROJECT/ELEMENT/KEY)' })
+          .option('retry-failed', { type: 'boolean', default: false, describe: 'Queue the push jobs that failed again' })
+          .option('config', { type: 'string', describe: "Without a running daemon: push now, to this config's push: true upstreams" })
+          .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON' }),
+      async (a) => {
+        const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
+        exitCode = await runPush(
+          { dir: a.dir ?? defaultDataDir(), from: a.from === undefined ? undefined : resolve(a.from), refs: a.ref, retryFailed: a['retry-failed'], config: a.config, json: a.json },
+          log,
+        );
+      },
+    )
+    .command(
       'status',
       "The store's size, each upstream's health, the last sync runs, the next scheduled one and recorded misses (from the daemon, or the store when none runs)",
       (y) => y.option('json', { type: 'boolean', default: false, describe: 'Print the status as JSON' }),
@@ -262,7 +281,7 @@ async function main(argv: string[]): Promise<number> {
         process.stdout.write(a.json ? `${JSON.stringify(status, null, 2)}\n` : formatStatus(status, Date.now()));
       },
     )
-    .demandCommand(1, 'give a command: serve, sync, status or verify')
+    .demandCommand(1, 'give a command: serve, sync, push, status or verify')
     .strict()
     .help()
     .wrap(Math.min(110, process.stdout.columns || 110))

@@ -63,6 +63,11 @@ export function formatStatus(status: StatusReport, now: number): string {
     for (const o of run.outages) lines.push(`      unreachable: ${o.upstream}: ${o.reason}`);
     for (const note of run.notes ?? []) lines.push(`      note: ${note}`);
   }
+  const { push } = status;
+  lines.push(
+    `push jobs: ${push.depth} waiting${push.oldestCreatedAt === undefined ? '' : ` (oldest queued ${when(push.oldestCreatedAt, now)})`}, ${push.failed.length} failed${push.failed.length > 0 ? ' (push --retry-failed queues them again)' : ''}`,
+  );
+  for (const f of push.failed.slice(0, 20)) lines.push(`  failed: ${f.urn} -> ${f.upstream}, ${f.attempts} attempts: ${f.lastError ?? '?'}`);
   lines.push(`recorded misses: ${status.misses.total}`);
   for (const m of status.misses.recent.slice(0, 10)) {
     lines.push(`  ${m.urn}: asked ${m.count} time${m.count === 1 ? '' : 's'}, last ${when(m.lastAt, now)}${m.lastOutcome ? `; ${m.lastOutcome}${m.reason ? `: ${m.reason}` : ''}` : ''}`);

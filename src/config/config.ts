@@ -18,6 +18,12 @@ export interface Config {
   readonly upstreams: readonly UpstreamConfig[];
   readonly sync: SyncConfig;
   readonly health: HealthConfig;
+  readonly replicate: ReplicateConfig;
+}
+
+export interface ReplicateConfig {
+  /** BuildStream local cache directories on this host (1.6 or 2.x layout) whose new names are imported and pushed upstream. */
+  readonly watch: readonly string[];
 }
 
 export interface ListenerConfig {

@@ -244,6 +244,12 @@ export function configSchema(configDir: string) {
     })
     .prefault({});
 
+  const replicate = z
+    .strictObject({
+      watch: z.array(path).default([]),
+    })
+    .prefault({});
+
   const document = z
     .strictObject(
       {
@@ -254,6 +260,7 @@ export function configSchema(configDir: string) {
         upstreams: z.array(upstream).default([]),
         sync,
         health,
+        replicate,
       },
       { error: (iss) => (iss.code === 'invalid_type' ? 'the document must be a mapping of keys to values' : undefined) },
     )
@@ -291,6 +298,7 @@ export function configSchema(configDir: string) {
           probeIntervalMs: d.health['probe-interval'],
           probeMaxIntervalMs: d.health['probe-max-interval'],
         },
+        replicate: { watch: d.replicate.watch },
       }),
     );
 

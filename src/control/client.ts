@@ -4,7 +4,7 @@ import { MirrorError, type MirrorErrorCode } from '../errors.js';
 import { ERROR_CODE_KEY } from '../server/status.js';
 import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
 import { socketAnswers } from './socket.js';
-import { type StatusReport, type SyncEvent, type SyncRequest, controlService, controlSocketPath } from './protocol.js';
+import { type PushReport, type PushRequest, type StatusReport, type SyncEvent, type SyncRequest, controlService, controlSocketPath } from './protocol.js';
 
 const CONTROL_CODES: ReadonlySet<string> = new Set<MirrorErrorCode>([
   'INVALID_ARGUMENT',
@@ -64,6 +64,10 @@ export class ControlClient {
 
   verify(request: { version: string; repair: boolean; prune: boolean }): Promise<VerifyReport> {
     return this.unary(controlService.verify, request);
+  }
+
+  push(request: PushRequest): Promise<PushReport> {
+    return this.unary(controlService.push, request);
   }
 
   private unary<Res>(method: grpc.MethodDefinition<unknown, Res>, request: unknown): Promise<Res> {

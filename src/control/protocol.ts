@@ -2,6 +2,7 @@ import { join } from 'node:path';
 import type * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import type { VerifyReport } from '../cas/verify.js';
+import type { PushQueueStats } from '../push/push-queue.js';
 import type { HealthRecord } from '../remote/health.js';
 import type { NameStatus, Outage, SyncProgress, SyncReport } from '../sync/sync-job.js';
 
@@ -75,6 +76,7 @@ export const controlService = {
   sync: method<unknown, SyncEvent>('Sync', true),
   status: method<unknown, StatusReport>('Status', false),
   verify: method<unknown, VerifyReport>('Verify', false),
+  push: method<unknown, PushReport>('Push', false),
 } satisfies grpc.ServiceDefinition;
 
 /** What started a run. */
@@ -99,6 +101,8 @@ export interface RunRecord {
   readonly blobs: number;
   readonly bytes: number;
   readonly outages: readonly Outage[];
+  /** Per upstream: how many names it supplied (mirrored or confirmed present) and, if it could not be reached, why. */
+  readonly upstreams?: readonly { readonly upstream: string; readonly names: number; readonly unreachable?: string | undefined }[] | undefined;
   /** Why the run failed as a whole (e.g. a project's `bst show` failed), or a note on its selection. */
   readonly error?: string | undefined;
   readonly notes?: readonly string[] | undefined;
@@ -139,4 +143,24 @@ export interface StatusReport {
   readonly upstreams: readonly ({ readonly name: string; readonly configured: boolean } & Partial<HealthRecord>)[];
   readonly runs: readonly RunRecord[];
   readonly misses: { readonly total: number; readonly recent: readonly ({ readonly urn: string } & MissRecord)[] };
+  /** Replication upstream: jobs waiting, the oldest one's age, and the jobs that failed for good. */
+  readonly push: PushQueueStats;
+}
+
+export const pushRequestSchema = z
+  .object({
+    version: z.string(),
+    /** A BuildStream local cache directory to import names from (all, or `names`). */
+    from: z.string().optional(),
+    names: z.array(z.string()).max(100_000).default([]),
+    retryFailed: z.boolean().default(false),
+  })
+  .strict();
+export type PushRequest = z.input<typeof pushRequestSchema>;
+
+/** What a push request did: per imported name its outcome, and how many jobs were queued or re-queued. */
+export interface PushReport {
+  readonly imported: readonly { readonly urn: string; readonly status: string; readonly reason?: string | undefined }[];
+  readonly queued: number;
+  readonly retried: number;
 }

@@ -8,6 +8,8 @@ import { toServiceError } from '../server/status.js';
 import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
 import { socketAnswers } from './socket.js';
 import {
+  type PushReport,
+  pushRequestSchema,
   type StatusReport,
   type SyncEvent,
   controlService,
@@ -19,12 +21,14 @@ import {
 
 export type ParsedSyncRequest = z.output<typeof syncRequestSchema>;
 export type ParsedVerifyRequest = z.output<typeof verifyRequestSchema>;
+export type ParsedPushRequest = z.output<typeof pushRequestSchema>;
 
 /** What the daemon does for the CLI; the endpoint only decodes, validates and maps errors. */
 export interface ControlHandlers {
   sync(request: ParsedSyncRequest, onProgress: (p: SyncProgress) => void, signal: AbortSignal): Promise<{ report: SyncReport; notes: string[] }>;
   status(): Promise<StatusReport>;
   verify(request: ParsedVerifyRequest): Promise<VerifyReport>;
+  push(request: ParsedPushRequest): Promise<PushReport>;
 }
 
 /** Progress events sent at most this often; the last state is always sent before the report. */
@@ -106,6 +110,14 @@ export class ControlServer {
           .then(
             (report) => callback(null, report),
             (err: unknown) => callback(controlError(err, log, 'control.Status')),
+          );
+      },
+      push: (call: grpc.ServerUnaryCall<unknown, PushReport>, callback: grpc.sendUnaryData<PushReport>) => {
+        Promise.resolve()
+          .then(() => handlers.push(parse(pushRequestSchema, call.request, version)))
+          .then(
+            (report) => callback(null, report),
+            (err: unknown) => callback(controlError(err, log, 'control.Push')),
           );
       },
       verify: (call: grpc.ServerUnaryCall<unknown, VerifyReport>, callback: grpc.sendUnaryData<VerifyReport>) => {

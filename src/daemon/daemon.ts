@@ -6,13 +6,16 @@ import { parseUserName } from '../cas/names.js';
 import { type VerifyReport, verifyStore } from '../cas/verify.js';
 import type { Config, ListenerConfig, UpstreamConfig } from '../config/config.js';
 import { type ConfigOverrides, loadConfig } from '../config/load.js';
-import type { StatusReport, Trigger } from '../control/protocol.js';
-import { type ControlHandlers, ControlServer, type ParsedSyncRequest } from '../control/server.js';
+import type { PushReport, StatusReport, Trigger } from '../control/protocol.js';
+import { type ControlHandlers, ControlServer, type ParsedPushRequest, type ParsedSyncRequest } from '../control/server.js';
 import { MirrorError, errorMessage } from '../errors.js';
 import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
 import { GrpcUpstream, type Upstream, type UpstreamSpec } from '../remote/upstream.js';
 import { MirrorServer, type ServerTls } from '../server/server.js';
-import { readPem } from '../pem.js';
+import { readConfigFile, readPem } from '../pem.js';
+import { PushQueue, type PushRetryPolicy, type PushTarget } from '../push/push-queue.js';
+import { type LocalCacheWatch, importAll, importLocalName, watchLocalCache } from '../push/local-cache.js';
+import type { PushSink } from '../server/push-intake.js';
 import { SendBudget } from '../server/send-budget.js';
 import { projectNames } from '../sync/project-names.js';
 import { readRefsPath } from '../sync/refs-file.js';
@@ -31,6 +34,8 @@ export interface DaemonOptions {
   readonly log: Logger;
   /** Run the configured selection once at start-up (default: when there is anything to sync). */
   readonly syncAtStart?: boolean;
+  /** Backoff of push jobs (tests shorten it). */
+  readonly pushRetry?: PushRetryPolicy;
 }
 
 /** The upstreams of one config, each behind its health breaker. */
@@ -50,6 +55,8 @@ export class Daemon {
   private schedule: CronJob | undefined;
   private selectionWatch: Watch | undefined;
   private configWatch: Watch | undefined;
+  private cacheWatches: LocalCacheWatch[] = [];
+  private readonly importRetries = new Set<NodeJS.Timeout>();
   private upstreamSet: UpstreamSet = { configs: [], upstreams: [] };
   /** Upstream sets replaced by a reload, closed once no run uses them. */
   private retired: UpstreamSet[] = [];
@@ -58,6 +65,7 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   private readonly runner: SyncRunner;
   private readonly pullThrough: PullThrough;
+  private readonly pushQueue: PushQueue;
 
   private constructor(
     private config: Config,
@@ -73,6 +81,14 @@ export class Daemon {
       fetchName: (urn) => this.fetchMissed(urn),
       misses: tables.misses,
       log: log.child({ part: 'pull-through' }),
+    });
+    this.pushQueue = new PushQueue({
+      store,
+      table: tables.pushJobs,
+      // Asked on every enqueue and attempt, so a reload's upstreams take effect.
+      targets: () => this.pushTargets(),
+      log: log.child({ part: 'push' }),
+      ...(options.pushRetry && { retry: options.pushRetry }),
     });
     this.runner.onRunEnd((result, request) => {
       // A completed run of the selection is the point at which upstreams' answers are fresh.
@@ -120,9 +136,71 @@ export class Daemon {
     return this.runner.request(trigger);
   }
 
+  /**
+   * Watches the configured local BuildStream caches: names already there are imported at start
+   * (those new to the store are queued for push), and every name that appears later is imported
+   * and queued. A name whose objects are not all written yet is tried again shortly.
+   */
+  private async watchLocalCaches(): Promise<void> {
+    for (const dir of this.config.replicate.watch) {
+      const watch = watchLocalCache(dir, { onName: (urn) => void this.importWatched(dir, urn, 0), log: this.log.child({ part: 'local-cache', dir }) });
+      this.cacheWatches.push(watch);
+      await watch.ready;
+      void importAll(dir, this.store, this.log).then(
+        async (results) => {
+          for (const r of results) {
+            if (r.result.status === 'imported') await this.pushQueue.enqueue(r.urn);
+            else if (r.result.status === 'incomplete') void this.importWatched(dir, r.urn, 1);
+          }
+        },
+        (err: unknown) => this.log.warn({ dir, err: errorMessage(err) }, 'could not import the local cache'),
+      );
+    }
+  }
+
+  private async importWatched(dir: string, urn: string, attempt: number): Promise<void> {
+    if (this.stopping) return;
+    try {
+      const result = await importLocalName(dir, urn, this.store, this.log);
+      if (result.status === 'imported' || result.status === 'present') {
+        this.log.info({ dir, urn, status: result.status, blobs: result.blobs }, 'name from a local cache');
+        await this.pushQueue.enqueue(urn);
+      } else if (result.status === 'incomplete' && attempt < LOCAL_IMPORT_ATTEMPTS) {
+        // BuildStream (or casd) may still be writing its objects: try again shortly.
+        const timer = setTimeout(() => {
+          this.importRetries.delete(timer);
+          void this.importWatched(dir, urn, attempt + 1);
+        }, LOCAL_IMPORT_RETRY_MS);
+        timer.unref();
+        this.importRetries.add(timer);
+      } else {
+        this.log.warn({ dir, urn, result }, 'could not import a name from a local cache');
+      }
+    } catch (err) {
+      this.log.warn({ dir, urn, err: errorMessage(err) }, 'could not import a name from a local cache');
+    }
+  }
+
+  /** The upstreams configured with `push: true`, named as in the config (push jobs carry that name). */
+  private pushTargets(): PushTarget[] {
+    const { configs, upstreams } = this.upstreamSet;
+    return upstreams.flatMap((u, i) => {
+      const c = configs[i];
+      return c?.push ? [{ name: c.name, writer: u, health: u.health }] : [];
+    });
+  }
+
+  /** Resolves once no push job is waiting or running (tests). */
+  pushIdle(): Promise<void> {
+    return this.pushQueue.onIdle();
+  }
+
   private async startParts(): Promise<void> {
     const { config, log } = this;
     this.upstreamSet = await this.buildUpstreams(config.upstreams);
+    // Jobs a previous run (or a kill -9) left are resumed before anything new is accepted.
+    await this.pushQueue.start();
+    const sink: PushSink = { namePushed: (urn) => this.pushQueue.enqueue(urn) };
     const budget = new SendBudget(config.serve.limits.sendBudgetBytes);
     for (const listener of config.listen) {
       this.servers.push(
@@ -135,6 +213,7 @@ export class Daemon {
           sendBudget: budget,
           missHandler: this.pullThrough,
           tls: await readListenerTls(listener),
+          push: listener.push ? { sink, accessToken: await readAccessToken(listener) } : undefined,
         }),
       );
     }
@@ -146,6 +225,7 @@ export class Daemon {
       this.configWatch = watchPaths({ paths: [file], debounceMs: 200, onChange: () => void this.reload(), log });
       await this.configWatch.ready;
     }
+    await this.watchLocalCaches();
     log.info({ listen: this.addresses, control: this.controlPath, upstreams: config.upstreams.map((u) => u.name), schedule: config.sync.schedule }, 'daemon started');
     if (this.options.syncAtStart ?? hasSelection(config)) void this.runner.request({ kind: 'startup' });
   }
@@ -162,12 +242,16 @@ export class Daemon {
     await this.schedule?.stop();
     await this.selectionWatch?.close();
     await this.configWatch?.close();
+    await Promise.all(this.cacheWatches.map((w) => w.close()));
+    for (const timer of this.importRetries) clearTimeout(timer);
     log.info('daemon stopping: listeners');
     await Promise.all(this.servers.map((s) => s.stop()));
     await this.control?.stop();
-    log.info('daemon stopping: sync runs and pull-through fetches');
+    log.info('daemon stopping: sync runs, pull-through fetches and push jobs');
     await this.runner.stop();
     await this.pullThrough.close();
+    // Jobs stay recorded; the next start resumes them.
+    await this.pushQueue.stop();
     for (const set of [this.upstreamSet, ...this.retired]) for (const u of set.upstreams) u.close();
     await this.store.close();
     log.info('daemon stopped');
@@ -356,7 +440,26 @@ export class Daemon {
       sync: (request, onProgress, signal) => this.cliSync(request, onProgress, signal),
       status: () => this.status(),
       verify: (request) => this.verify(request.repair, request.prune),
+      push: (request) => this.cliPush(request),
     };
+  }
+
+  /** `push` from the CLI: re-queue failed jobs, and/or import names from a local cache and queue them. */
+  private async cliPush(request: ParsedPushRequest): Promise<PushReport> {
+    const retried = request.retryFailed ? await this.pushQueue.retryFailed() : 0;
+    let imported: PushReport['imported'] = [];
+    let queued = 0;
+    if (request.from !== undefined) {
+      const results = await importAll(request.from, this.store, this.log, request.names.length > 0 ? request.names : undefined);
+      imported = results.map((r) => ({ urn: r.urn, status: r.result.status, reason: 'reason' in r.result ? r.result.reason : undefined }));
+      for (const r of results) {
+        if (r.result.status === 'imported' || r.result.status === 'present') {
+          await this.pushQueue.enqueue(r.urn);
+          queued += 1;
+        }
+      }
+    }
+    return { imported, queued, retried };
   }
 
   /** `sync` from the CLI: names (or projects) given once, or a run of the configured selection. */
@@ -429,6 +532,13 @@ export class Daemon {
   }
 }
 
+async function readAccessToken(listener: ListenerConfig): Promise<string | undefined> {
+  if (listener.accessTokenFile === undefined) return undefined;
+  const token = (await readConfigFile(listener.accessTokenFile, 'access token')).toString('utf8').trim();
+  if (!token) throw new MirrorError('CONFIG_INVALID', `listener ${listener.address}: the access token file ${listener.accessTokenFile} is empty`);
+  return token;
+}
+
 async function readListenerTls(listener: ListenerConfig): Promise<ServerTls | undefined> {
   const { tls } = listener;
   if (!tls) return undefined;
@@ -438,6 +548,10 @@ async function readListenerTls(listener: ListenerConfig): Promise<ServerTls | un
     clientCerts: tls.clientCertsFile === undefined ? undefined : await readPem(tls.clientCertsFile, 'client certificates'),
   };
 }
+
+/** A local-cache name whose objects are incomplete is tried this many times, this far apart (a minute in all). */
+const LOCAL_IMPORT_ATTEMPTS = 60;
+const LOCAL_IMPORT_RETRY_MS = 1000;
 
 function hasSelection(config: Config): boolean {
   return config.upstreams.length > 0 && (config.sync.refs.length > 0 || config.sync.refsFiles.length > 0 || config.sync.projects.length > 0);

@@ -2,6 +2,7 @@ import type { DiskContentStore } from '../cas/disk-store.js';
 import type { StateTable } from '../cas/state-table.js';
 import type { MissRecord, RunRecord, StatusReport } from '../control/protocol.js';
 import type { HealthRecord } from '../remote/health.js';
+import { type PushJobRecord, readPushStats } from '../push/push-queue.js';
 import { VERSION } from '../version.js';
 
 /** The daemon's tables in the store's LevelDB. */
@@ -9,6 +10,7 @@ export interface DaemonTables {
   readonly runs: StateTable<RunRecord>;
   readonly health: StateTable<HealthRecord>;
   readonly misses: StateTable<MissRecord>;
+  readonly pushJobs: StateTable<PushJobRecord>;
 }
 
 export function daemonTables(store: DiskContentStore): DaemonTables {
@@ -16,6 +18,7 @@ export function daemonTables(store: DiskContentStore): DaemonTables {
     runs: store.stateTable<RunRecord>('runs'),
     health: store.stateTable<HealthRecord>('upstream-health'),
     misses: store.stateTable<MissRecord>('misses'),
+    pushJobs: store.stateTable<PushJobRecord>('push-jobs'),
   };
 }
 
@@ -48,5 +51,6 @@ export async function storedStatus(store: DiskContentStore, tables: DaemonTables
     upstreams: [...upstreams.values()],
     runs,
     misses: { total, recent: misses.slice(0, RECENT_MISSES) },
+    push: await readPushStats(tables.pushJobs),
   };
 }

@@ -39,6 +39,18 @@ interface Pending {
 
 const KEEP_RUNS = 200;
 
+function perUpstream(report: SyncReport): NonNullable<RunRecord['upstreams']> {
+  const by = new Map<string, { upstream: string; names: number; unreachable?: string }>();
+  for (const r of report.results) {
+    if (r.upstream === undefined || (r.status !== 'mirrored' && r.status !== 'present')) continue;
+    const entry = by.get(r.upstream) ?? { upstream: r.upstream, names: 0 };
+    entry.names += 1;
+    by.set(r.upstream, entry);
+  }
+  for (const o of report.outages) by.set(o.upstream, { ...(by.get(o.upstream) ?? { upstream: o.upstream, names: 0 }), unreachable: o.reason });
+  return [...by.values()];
+}
+
 /**
  * Runs sync jobs one at a time. A configured run requested while one is already waiting joins it
  * (a `git pull` touching a hundred files, the schedule and a refs file change make one follow-up
@@ -184,6 +196,7 @@ export class SyncRunner {
         blobs: report.blobsTransferred,
         bytes: report.bytesTransferred,
         outages: report.outages,
+        upstreams: perUpstream(report),
         notes: out.notes.length > 0 ? out.notes : undefined,
       };
     } catch (err) {

@@ -1,6 +1,6 @@
 import { connect as connectTls } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
-import { FetchClient } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
+import { FetchClient, PushClient } from '../gen/build/bazel/remote/asset/v1/remote_asset.js';
 import {
   CapabilitiesClient,
   ContentAddressableStorageClient,
@@ -50,6 +50,8 @@ export class Endpoint {
   readonly capabilities: CapabilitiesClient;
   readonly bytestream: ByteStreamClient;
   readonly fetch: FetchClient;
+  /** Remote Asset Push, for replicating names to upstreams configured with `push: true`. */
+  readonly push: PushClient;
   readonly refs: ReferenceStorageClient;
   private readonly channel: grpc.Channel;
   private readonly rpcTimeoutMs: number;
@@ -80,6 +82,7 @@ export class Endpoint {
     this.capabilities = new CapabilitiesClient(target, credentials, options);
     this.bytestream = new ByteStreamClient(target, credentials, options);
     this.fetch = new FetchClient(target, credentials, options);
+    this.push = new PushClient(target, credentials, options);
     this.refs = new ReferenceStorageClient(target, credentials, options);
   }
 

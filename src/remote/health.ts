@@ -1,9 +1,10 @@
 import type { Logger } from 'pino';
 import type { StateTable } from '../cas/state-table.js';
+import type { NameRecord } from '../cas/content-store.js';
 import type { Digest } from '../cas/digest.js';
 import type { MirrorName } from '../cas/names.js';
 import { MirrorError, errorMessage, isMirrorError } from '../errors.js';
-import type { BatchReadResult, Upstream, UpstreamInfo } from './upstream.js';
+import { type BatchReadResult, type BlobUpload, type Upstream, type UpstreamInfo, type UpstreamWriter, isUpstreamWriter } from './upstream.js';
 
 /** When an upstream is taken offline and how often it is probed then. */
 export interface HealthPolicy {
@@ -41,6 +42,8 @@ const ONLINE: HealthRecord = { state: 'online', consecutiveFailures: 0 };
  */
 export class UpstreamHealth {
   private probing = false;
+  /** Called after every change of the record (see onChange). */
+  private readonly listeners = new Set<(record: HealthRecord) => void>();
 
   private constructor(
     readonly name: string,
@@ -127,8 +130,59 @@ export class UpstreamHealth {
     this.update(ONLINE);
   }
 
+  /** Calls `listener` after each change of the record (each failure, success after one, transition); returns the unsubscribe. */
+  onChange(listener: (record: HealthRecord) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /**
+   * Resolves once a call would be admitted: at once while online; while offline at the probe time,
+   * or, while another call is the probe, when that settles. So a job waits out an outage without
+   * calling (or counting failures) at all. Rejects with the signal's reason when it is aborted.
+   */
+  async whenAdmissible(signal?: AbortSignal): Promise<void> {
+    for (;;) {
+      signal?.throwIfAborted();
+      try {
+        this.checkAdmissible();
+        return;
+      } catch (err) {
+        if (!isOfflineRefusal(err)) throw err;
+      }
+      const untilProbe = (this.record.nextProbeAt ?? 0) - this.now();
+      // While a probe is out, its result is the change to wait for (the timer only bounds a probe that never reports).
+      await this.changeWithin(untilProbe > 0 ? untilProbe : this.policy.probeIntervalMs, signal);
+    }
+  }
+
+  /** Resolves at the next change of the record or after `ms`, whichever is first. */
+  private changeWithin(ms: number, signal: AbortSignal | undefined): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const settle = (): void => {
+        clearTimeout(timer);
+        unsubscribe();
+        signal?.removeEventListener('abort', aborted);
+      };
+      const aborted = (): void => {
+        settle();
+        reject(signal?.reason);
+      };
+      const timer = setTimeout(() => {
+        settle();
+        resolve();
+      }, ms);
+      const unsubscribe = this.onChange(() => {
+        settle();
+        resolve();
+      });
+      signal?.addEventListener('abort', aborted, { once: true });
+    });
+  }
+
   private update(record: HealthRecord): void {
     this.record = record;
+    for (const listener of [...this.listeners]) listener(record);
     // Health is advisory: losing a write costs at most one probe after a restart.
     void this.table?.put(this.name, record).catch((err: unknown) => this.log.warn({ err, upstream: this.name }, 'could not record upstream health'));
   }
@@ -151,8 +205,11 @@ export function isOfflineRefusal(err: unknown): boolean {
   return err instanceof MirrorError && err.cause instanceof UpstreamOffline;
 }
 
-/** An Upstream whose every call is admitted by, and reported to, an UpstreamHealth. */
-export class HealthCheckedUpstream implements Upstream {
+/**
+ * An Upstream whose every call is admitted by, and reported to, an UpstreamHealth. When the inner
+ * upstream is also an UpstreamWriter, so is this, with every write behind the breaker too.
+ */
+export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
   readonly name: string;
 
   constructor(
@@ -207,6 +264,31 @@ export class HealthCheckedUpstream implements Upstream {
       this.health.failed(err);
       throw err;
     }
+  }
+
+  async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
+    const writer = this.writer();
+    return this.guarded(() => writer.findMissing(digests));
+  }
+
+  async batchUpdate(blobs: readonly BlobUpload[]): Promise<void> {
+    const writer = this.writer();
+    return this.guarded(() => writer.batchUpdate(blobs));
+  }
+
+  async writeStream(digest: Digest, data: AsyncIterable<Uint8Array>): Promise<void> {
+    const writer = this.writer();
+    return this.guarded(() => writer.writeStream(digest, data));
+  }
+
+  async setName(name: MirrorName, record: NameRecord): Promise<void> {
+    const writer = this.writer();
+    return this.guarded(() => writer.setName(name, record));
+  }
+
+  private writer(): UpstreamWriter {
+    if (!isUpstreamWriter(this.inner)) throw new TypeError(`upstream ${this.name} has no write side`);
+    return this.inner;
   }
 
   close(): void {

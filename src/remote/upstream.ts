@@ -1,8 +1,11 @@
+import { randomUUID } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import type { MirrorName } from '../cas/names.js';
+import type { NameRecord } from '../cas/content-store.js';
+import type { MirrorName, NameKind } from '../cas/names.js';
 import { isDirectoryName } from '../cas/names.js';
 import { type Digest, digestKey, fromWire, readResourceName, toWire } from '../cas/digest.js';
 import { MirrorError, isMirrorError } from '../errors.js';
+import type { WriteRequest, WriteResponse } from '../gen/google/bytestream/bytestream.js';
 import { Endpoint, type EndpointSpec, grpcCode } from './endpoint.js';
 
 export { grpcCode, parseUpstreamUrl } from './endpoint.js';
@@ -55,10 +58,92 @@ export interface Upstream {
   close(): void;
 }
 
+/** One blob for BatchUpdateBlobs. */
+export interface BlobUpload {
+  readonly digest: Digest;
+  readonly data: Uint8Array;
+}
+
+/**
+ * An upstream as the pusher sees it: the write side, used to replicate names that arrive at the
+ * mirror to upstreams configured with `push: true`. Blobs go to the storage endpoint, names to the
+ * index endpoint (BuildStream 2's index/storage split). Safe for concurrent use. Failures are
+ * MirrorErrors (UPSTREAM_UNAVAILABLE when the upstream could not be reached, UPSTREAM_ERROR for
+ * any other answer) whose `cause` carries the gRPC status code, for isRetryable().
+ */
+export interface UpstreamWriter {
+  readonly name: string;
+  connect(): Promise<UpstreamInfo>;
+  resolve(name: MirrorName): Promise<Digest | undefined>;
+  /** FindMissingBlobs on the storage endpoint, in requests of FIND_MISSING_CHUNK digests; the answer keeps the order of `digests`. */
+  findMissing(digests: readonly Digest[]): Promise<Digest[]>;
+  /**
+   * BatchUpdateBlobs on the storage endpoint. The caller keeps each batch within
+   * connect().maxBatchBytes. A blob the upstream refuses throws UPSTREAM_ERROR (or
+   * UPSTREAM_UNAVAILABLE), with that blob's status as the cause.
+   */
+  batchUpdate(blobs: readonly BlobUpload[]): Promise<void>;
+  /**
+   * ByteStream.Write of one blob: resource `[{instance}/]uploads/{fresh uuid4}/blobs/{hash}/{size}`,
+   * chunks of at most WRITE_CHUNK_BYTES, `finish_write` on the last. A server that answers
+   * `committed_size == size` before the end (it already has the blob) is a success; the rest of
+   * `data` is not read. `data` must yield exactly the blob's bytes.
+   */
+  writeStream(digest: Digest, data: AsyncIterable<Uint8Array>): Promise<void>;
+  /**
+   * Points the name at `record.digest` upstream, on the index endpoint; callers upload the whole
+   * closure first. ReferenceStorage: UpdateReference{keys: [ref]}, for 1.x refs only (any other
+   * kind throws UNSUPPORTED; see dialectHolds). Remote Asset: PushDirectory for Directory names
+   * (1.x refs as v1 URNs, single sources), PushBlob for Artifact/Source proto names, with
+   * `uris: [urn]` and the record's referenced blobs and directories.
+   */
+  setName(name: MirrorName, record: NameRecord): Promise<void>;
+}
+
+/** Whether `value` has the write side (HealthCheckedUpstream wraps either kind). */
+export function isUpstreamWriter(value: object): value is UpstreamWriter {
+  const w = value as Partial<UpstreamWriter>;
+  return typeof w.findMissing === 'function' && typeof w.batchUpdate === 'function' && typeof w.writeStream === 'function' && typeof w.setName === 'function';
+}
+
+/**
+ * Whether an upstream speaking `dialect` can hold a name of `kind`: a ReferenceStorage server
+ * (BuildStream 1.x's) only knows 1.x refs; Remote Asset holds every kind.
+ */
+export function dialectHolds(dialect: Dialect, kind: NameKind): boolean {
+  return dialect === 'remote-asset' || kind === 'ref';
+}
+
+/** Digests per FindMissingBlobs request (about 80 bytes each on the wire: ~330 KB a request). */
+export const FIND_MISSING_CHUNK = 4096;
+/** ByteStream.Write chunk size, as BuildStream 1.6 and buildbox send. */
+export const WRITE_CHUNK_BYTES = 1 << 20;
+
+/** The status of one blob of a BatchUpdateBlobs answer, shaped as a ServiceError so Endpoint.wrap and isRetryable read its code. */
+export class BlobStatusError extends Error {
+  constructor(
+    readonly code: grpc.status,
+    readonly details: string,
+  ) {
+    super(`${grpc.status[code] ?? code}: ${details}`);
+    this.name = 'BlobStatusError';
+  }
+}
+
+/** The ByteStream resource name of an upload. */
+export function uploadResourceName(instanceName: string, uuid: string, d: Digest): string {
+  return `${instanceName ? `${instanceName}/` : ''}uploads/${uuid}/blobs/${d.hash}/${d.sizeBytes}`;
+}
+
+/** A Uint8Array as a Buffer over the same memory (generated messages type `bytes` as Buffer). */
+function asBuffer(data: Uint8Array): Buffer {
+  return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
+
 /** BuildStream 1.6's own cap, and a safe default when a server advertises no limit. */
 const DEFAULT_MAX_BATCH_BYTES = 1 << 20;
 
-export class GrpcUpstream implements Upstream {
+export class GrpcUpstream implements Upstream, UpstreamWriter {
   readonly name: string;
   private info: Promise<UpstreamInfo> | undefined;
 
@@ -230,6 +315,166 @@ export class GrpcUpstream implements Upstream {
       return await Promise.race([messages.next(), stalled]);
     } finally {
       clearTimeout(timer);
+    }
+  }
+
+  async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
+    const { storage } = this;
+    const missing: Digest[] = [];
+    for (let i = 0; i < digests.length; i += FIND_MISSING_CHUNK) {
+      const chunk = digests.slice(i, i + FIND_MISSING_CHUNK);
+      let res;
+      try {
+        res = await storage.call(storage.cas.findMissingBlobs, storage.cas, { instanceName: storage.instanceName, blobDigests: chunk.map(toWire), digestFunction: 0 });
+      } catch (err) {
+        throw storage.wrap(err, `FindMissingBlobs of ${chunk.length} digests`);
+      }
+      // The digests asked about, in order, that the answer names: a server's own digests are not trusted further.
+      const absent = new Set(res.missingBlobDigests.map((d) => `${d.hash}/${d.sizeBytes}`));
+      for (const d of chunk) if (absent.has(digestKey(d))) missing.push(d);
+    }
+    return missing;
+  }
+
+  async batchUpdate(blobs: readonly BlobUpload[]): Promise<void> {
+    if (blobs.length === 0) return;
+    const { storage } = this;
+    let res;
+    try {
+      res = await storage.call(storage.cas.batchUpdateBlobs, storage.cas, {
+        instanceName: storage.instanceName,
+        requests: blobs.map((b) => ({ digest: toWire(b.digest), data: asBuffer(b.data) })),
+        digestFunction: 0,
+      });
+    } catch (err) {
+      throw storage.wrap(err, `BatchUpdateBlobs of ${blobs.length} blobs`);
+    }
+    const byKey = new Map<string, (typeof res.responses)[number]>();
+    for (const r of res.responses) if (r.digest) byKey.set(`${r.digest.hash}/${r.digest.sizeBytes}`, r);
+    const refused = blobs.flatMap((b) => {
+      const r = byKey.get(digestKey(b.digest));
+      // REAPI answers every blob; one left out was not stored.
+      if (r === undefined) return [{ digest: b.digest, code: grpc.status.UNKNOWN, message: 'the answer has no status for it' }];
+      const code = r.status?.code ?? grpc.status.OK;
+      return code === grpc.status.OK ? [] : [{ digest: b.digest, code: code as grpc.status, message: r.status?.message ?? '' }];
+    });
+    const first = refused[0];
+    if (first === undefined) return;
+    const more = refused.length > 1 ? ` (and ${refused.length - 1} more of the ${blobs.length})` : '';
+    throw storage.wrap(new BlobStatusError(first.code, first.message), `BatchUpdateBlobs of ${digestKey(first.digest)}${more}`);
+  }
+
+  async writeStream(digest: Digest, data: AsyncIterable<Uint8Array>): Promise<void> {
+    const { storage } = this;
+    const what = `ByteStream.Write of ${digestKey(digest)}`;
+    // A fresh UUID per upload (REAPI); BuildStream 1.6 reuses one per process, which servers must tolerate too.
+    const resourceName = uploadResourceName(storage.instanceName, randomUUID(), digest);
+    const answer = new AbortController();
+    // No deadline (a multi-GB upload fits none): a stalled upstream is caught by the idle timeout instead.
+    let stream!: grpc.ClientWritableStream<WriteRequest>;
+    const answered = new Promise<WriteResponse>((resolve, reject) => {
+      stream = storage.bytestream.write(storage.metadata(), {}, (err, res) => {
+        answer.abort();
+        if (err) reject(err);
+        else resolve(res);
+      });
+    });
+    answered.catch(() => undefined); // read below; an early failure must not go unhandled meanwhile
+    try {
+      let offset = 0;
+      const send = async (chunk: Buffer, finishWrite: boolean): Promise<void> => {
+        const more = stream.write({ resourceName, writeOffset: BigInt(offset), finishWrite, data: chunk });
+        offset += chunk.byteLength;
+        if (!more && !answer.signal.aborted) await this.drained(stream, answer.signal, what);
+      };
+      if (digest.sizeBytes === 0) await send(Buffer.alloc(0), true);
+      else {
+        pieces: for await (const piece of data) {
+          for (let at = 0; at < piece.byteLength; at += WRITE_CHUNK_BYTES) {
+            // The upstream answered already: it failed the upload, or has the blob (committed_size == size).
+            if (answer.signal.aborted) break pieces;
+            const chunk = asBuffer(piece.subarray(at, Math.min(piece.byteLength, at + WRITE_CHUNK_BYTES)));
+            if (offset + chunk.byteLength > digest.sizeBytes) throw new MirrorError('DIGEST_MISMATCH', `${what}: the data is longer than ${digest.sizeBytes} bytes`);
+            await send(chunk, offset + chunk.byteLength === digest.sizeBytes);
+          }
+        }
+        if (!answer.signal.aborted && offset !== digest.sizeBytes) throw new MirrorError('DIGEST_MISMATCH', `${what}: the data ended after ${offset} of ${digest.sizeBytes} bytes`);
+      }
+      stream.end();
+      const res = await this.answerWithin(answered, what);
+      const committed = Number(res.committedSize);
+      if (committed !== digest.sizeBytes) {
+        throw new MirrorError('UPSTREAM_ERROR', `${storage.url}: ${what} ended with committed_size ${committed} instead of ${digest.sizeBytes}`, { cause: new BlobStatusError(grpc.status.DATA_LOSS, `committed_size ${committed}`) });
+      }
+    } catch (err) {
+      // When the upstream had answered, its answer says more than a write after it ended.
+      const upstreamAnswered = answer.signal.aborted;
+      stream.cancel();
+      throw storage.wrap(upstreamAnswered ? await answered.then(() => err, (e: unknown) => e) : err, what);
+    }
+  }
+
+  /** Waits for the call to take more data; UPSTREAM_UNAVAILABLE if it takes none within the idle timeout. */
+  private drained(stream: grpc.ClientWritableStream<WriteRequest>, answered: AbortSignal, what: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        stream.off('drain', done);
+        answered.removeEventListener('abort', done);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        stream.off('drain', done);
+        answered.removeEventListener('abort', done);
+        reject(new MirrorError('UPSTREAM_UNAVAILABLE', `${this.storage.url}: ${what} stalled: the upstream took no data for ${this.readIdleTimeoutMs / 1000} s`));
+      }, this.readIdleTimeoutMs);
+      stream.once('drain', done);
+      answered.addEventListener('abort', done, { once: true });
+    });
+  }
+
+  /** The upload's answer, or UPSTREAM_UNAVAILABLE if none comes within the idle timeout of the last byte. */
+  private async answerWithin(answered: Promise<WriteResponse>, what: string): Promise<WriteResponse> {
+    let timer: NodeJS.Timeout | undefined;
+    const silent = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        reject(new MirrorError('UPSTREAM_UNAVAILABLE', `${this.storage.url}: ${what}: no answer ${this.readIdleTimeoutMs / 1000} s after the last byte`));
+      }, this.readIdleTimeoutMs);
+    });
+    try {
+      return await Promise.race([answered, silent]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async setName(name: MirrorName, record: NameRecord): Promise<void> {
+    const { dialect } = await this.connect();
+    const { index } = this;
+    if (!dialectHolds(dialect, name.kind)) {
+      throw new MirrorError('UNSUPPORTED', `${index.url} is a ReferenceStorage (BuildStream 1.x) server: it holds 1.x refs only, not ${name.urn}`);
+    }
+    const digest = toWire(record.digest);
+    try {
+      if (dialect === 'reference-storage') {
+        // BuildStream 1.6 (CASCache.push): one key per call, no instance name, no check that the blobs exist.
+        await index.call(index.refs.updateReference, index.refs, { instanceName: index.instanceName, keys: [name.key], digest });
+        return;
+      }
+      // As BuildStream 2 (AssetRemote.push_blob/push_directory) and 1.6 asset mode (PushDirectory, no references).
+      const request = {
+        instanceName: index.instanceName,
+        uris: [name.urn],
+        qualifiers: [],
+        referencesBlobs: record.referencedBlobs.map(toWire),
+        referencesDirectories: record.referencedDirectories.map(toWire),
+        digestFunction: 0,
+      };
+      if (isDirectoryName(name.kind)) await index.call(index.push.pushDirectory, index.push, { ...request, rootDirectoryDigest: digest });
+      else await index.call(index.push.pushBlob, index.push, { ...request, blobDigest: digest });
+    } catch (err) {
+      const method = dialect === 'reference-storage' ? 'UpdateReference' : isDirectoryName(name.kind) ? 'PushDirectory' : 'PushBlob';
+      throw index.wrap(err, `${method}(${name.urn})`);
     }
   }
 }

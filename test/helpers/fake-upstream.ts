@@ -1,6 +1,13 @@
 import { createHash } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import { FetchService, type FetchServer } from '../../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
+import {
+  FetchService,
+  type FetchServer,
+  type PushBlobRequest,
+  type PushDirectoryRequest,
+  PushService,
+  type PushServer,
+} from '../../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
 import {
   CapabilitiesService,
   type CapabilitiesServer,
@@ -10,15 +17,27 @@ import {
   DigestFunction_Value,
   SymlinkAbsolutePathStrategy_Value,
 } from '../../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
-import { ReferenceStorageService, type ReferenceStorageServer } from '../../src/gen/buildstream/v2/buildstream.js';
-import { ByteStreamService, type ByteStreamServer } from '../../src/gen/google/bytestream/bytestream.js';
+import { ReferenceStorageService, type ReferenceStorageServer, type UpdateReferenceRequest } from '../../src/gen/buildstream/v2/buildstream.js';
+import { ByteStreamService, type ByteStreamServer, type WriteRequest } from '../../src/gen/google/bytestream/bytestream.js';
 import type { Digest } from '../../src/cas/digest.js';
+
+/** A UUID of version 4, which BuildStream 1.6's server requires in upload resource names. */
+const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i;
+
+type Fault = Partial<grpc.ServiceError>;
 
 /**
  * A programmable in-memory upstream cache, served over real gRPC on 127.0.0.1: either dialect
  * (`remote-asset` like Buildbarn, or `reference-storage` like BuildStream 1.x's server). Written
  * independently of the mirror's server so tests do not check the mirror against itself. Tests can
  * corrupt blobs, fail calls and read call counts.
+ *
+ * Writes (for push tests) follow BuildStream's servers: with `acceptWrites` (1.6's
+ * `--enable-push`), BatchUpdateBlobs and ByteStream.Write store verified blobs, UpdateReference
+ * sets every key without checking blobs (1.6 casserver), and Remote Asset PushBlob/PushDirectory
+ * set every URI (empty `uris` is INVALID_ARGUMENT, the answer BuildStream's push probe expects).
+ * Without it every write is PERMISSION_DENIED, as from 1.6's server without --enable-push and a
+ * read-only Buildbarn (2.x's casserver instead leaves Push unregistered: UNIMPLEMENTED).
  */
 export class FakeUpstream {
   readonly blobs = new Map<string, Buffer>();
@@ -38,6 +57,25 @@ export class FakeUpstream {
   readonly readOffsets: number[] = [];
   /** Every URI asked for by FetchBlob/FetchDirectory, in order. */
   readonly askedUris: string[] = [];
+  /** Take writes (a push-enabled server); otherwise every write is PERMISSION_DENIED. */
+  acceptWrites = false;
+  /**
+   * A ByteStream.Write of a blob the fake already holds is answered at once, after its first
+   * message, with committed_size == size (REAPI allows this; casd and bb-storage may do it).
+   */
+  earlyCommit = false;
+  /** Every write in the order it took effect: `blob <hash>` per stored blob, `ref <key>`, `asset <uri>`. */
+  readonly writeLog: string[] = [];
+  /** The resource_name of every ByteStream.Write, in order. */
+  readonly uploadNames: string[] = [];
+  /** Every PushBlob/PushDirectory request taken, in order. */
+  readonly assetPushes: { method: 'PushBlob' | 'PushDirectory'; request: PushBlobRequest | PushDirectoryRequest }[] = [];
+  /** Every UpdateReference request taken, in order. */
+  readonly refUpdates: UpdateReferenceRequest[] = [];
+  /** Method -> the instance_name (ByteStream: resource name prefix) of its last call. */
+  readonly instanceNames = new Map<string, string>();
+  private readonly faults = new Map<string, { code: grpc.status; times: number }>();
+  private readonly hooks = new Map<string, () => void>();
   private server: grpc.Server | undefined;
   url = '';
 
@@ -74,13 +112,124 @@ export class FakeUpstream {
     this.calls.set(method, this.count(method) + 1);
   }
 
+  /** The next `times` calls of `method` (as count() names it: 'BatchUpdateBlobs', 'ByteStream.Write', 'PushBlob', …) fail with `code`. */
+  failNext(method: string, code: grpc.status, times = 1): void {
+    this.faults.set(method, { code, times });
+  }
+
+  /** Runs `fn` when `method` is next called, before it is answered; if `fn` kills the fake, the call gets no answer. */
+  onNextCall(method: string, fn: () => void): void {
+    this.hooks.set(method, fn);
+  }
+
+  /** Counts a call and applies what was programmed: the error to answer with, 'killed', or undefined to serve it. */
+  private enter(method: string, instanceName?: string): Fault | 'killed' | undefined {
+    this.hit(method);
+    if (instanceName !== undefined) this.instanceNames.set(method, instanceName);
+    const hook = this.hooks.get(method);
+    if (hook) {
+      this.hooks.delete(method);
+      hook();
+      if (this.server === undefined) return 'killed';
+    }
+    const fault = this.faults.get(method);
+    if (fault && fault.times > 0) {
+      fault.times -= 1;
+      return { code: fault.code, details: `injected ${grpc.status[fault.code]}` };
+    }
+    return undefined;
+  }
+
+  private denied(method: string): Fault {
+    return { code: grpc.status.PERMISSION_DENIED, details: `${method}: this server does not allow push` };
+  }
+
+  /** Stores a blob whose content matched its digest, and logs the write. */
+  private store(hash: string, data: Buffer): void {
+    this.blobs.set(hash, data);
+    this.writeLog.push(`blob ${hash}`);
+  }
+
+  /** Remote Asset Push: sets every URI to the digest. */
+  private takeAsset(method: 'PushBlob' | 'PushDirectory', request: PushBlobRequest | PushDirectoryRequest, digest: { hash: string; sizeBytes: bigint } | undefined): Fault | undefined {
+    if (!this.acceptWrites) return this.denied(method);
+    if (request.uris.length === 0) return { code: grpc.status.INVALID_ARGUMENT, details: 'no uris' };
+    if (digest === undefined) return { code: grpc.status.INVALID_ARGUMENT, details: 'no digest' };
+    this.assetPushes.push({ method, request });
+    for (const uri of request.uris) {
+      this.assets.set(uri, { hash: digest.hash, sizeBytes: Number(digest.sizeBytes) });
+      this.writeLog.push(`asset ${uri}`);
+    }
+    return undefined;
+  }
+
+  /** ByteStream.Write, as BuildStream 1.6's server checks it; answers through `answer` exactly once. */
+  private takeUpload(call: grpc.ServerReadableStream<WriteRequest, unknown>, answer: (err: Fault | null, committed?: number) => void): void {
+    let answered = false;
+    const reply = (err: Fault | null, committed?: number): void => {
+      if (answered) return;
+      answered = true;
+      answer(err, committed);
+    };
+    const failed = (details: string): void => reply({ code: grpc.status.FAILED_PRECONDITION, details });
+    let resource: string | undefined;
+    let digest: { hash: string; size: number } | undefined;
+    const chunks: Buffer[] = [];
+    let offset = 0;
+    call.on('data', (req: WriteRequest) => {
+      if (answered) return;
+      if (resource === undefined) {
+        resource = req.resourceName;
+        this.uploadNames.push(resource);
+        const parts = resource.split('/');
+        const at = parts.indexOf('uploads');
+        const [uuid = '', blobs, hash = '', size = ''] = parts.slice(at + 1);
+        this.instanceNames.set('ByteStream.Write', parts.slice(0, Math.max(0, at)).join('/'));
+        if (at < 0 || !UUID_V4.test(uuid) || blobs !== 'blobs' || !/^[0-9a-f]{64}$/.test(hash) || !/^\d+$/.test(size)) {
+          reply({ code: grpc.status.INVALID_ARGUMENT, details: `bad upload resource name '${resource}'` });
+          return;
+        }
+        digest = { hash, size: Number(size) };
+        if (this.earlyCommit && this.blobs.has(hash)) {
+          reply(null, digest.size);
+          return;
+        }
+      } else if (req.resourceName !== '' && req.resourceName !== resource) {
+        failed('resource_name changed during the upload');
+        return;
+      }
+      if (digest === undefined) return;
+      if (req.writeOffset !== BigInt(offset)) {
+        failed(`write_offset ${req.writeOffset} where ${offset} was expected`);
+        return;
+      }
+      if (offset + req.data.byteLength > digest.size) {
+        failed(`more than the ${digest.size} bytes of the blob`);
+        return;
+      }
+      chunks.push(req.data);
+      offset += req.data.byteLength;
+      if (!req.finishWrite) return;
+      const data = Buffer.concat(chunks);
+      if (data.byteLength !== digest.size || createHash('sha256').update(data).digest('hex') !== digest.hash) {
+        failed('the uploaded data does not match the digest');
+        return;
+      }
+      this.store(digest.hash, data);
+      reply(null, offset);
+    });
+    call.on('end', () => failed('the upload ended without finish_write'));
+    call.on('error', () => {
+      answered = true;
+    });
+  }
+
   private content(hash: string): Buffer | undefined {
     return this.corrupt.get(hash) ?? this.blobs.get(hash);
   }
 
   /** The first of `uris` the fake holds, as Remote Asset Fetch answers it. */
-  private findAsset(method: string, uris: string[]): { uri: string; digest: { hash: string; sizeBytes: bigint } } | { error: Partial<grpc.ServiceError> } {
-    this.hit(method);
+  private findAsset(uris: string[]): { uri: string; digest: { hash: string; sizeBytes: bigint } } | { error: Partial<grpc.ServiceError> } {
     this.askedUris.push(...uris);
     if (uris.length === 0) return { error: { code: grpc.status.INVALID_ARGUMENT, details: 'no uris' } };
     for (const uri of uris) {
@@ -96,11 +245,15 @@ export class FakeUpstream {
     const notFound = (details: string) => ({ code: grpc.status.NOT_FOUND, details });
     const cas: ContentAddressableStorageServer = {
       findMissingBlobs: (call, cb) => {
-        this.hit('FindMissingBlobs');
+        const stop = this.enter('FindMissingBlobs', call.request.instanceName);
+        if (stop === 'killed') return;
+        if (stop) return cb(stop);
         cb(null, { missingBlobDigests: call.request.blobDigests.filter((d) => !this.blobs.has(d.hash)) });
       },
       batchReadBlobs: (call, cb) => {
-        this.hit('BatchReadBlobs');
+        const stop = this.enter('BatchReadBlobs', call.request.instanceName);
+        if (stop === 'killed') return;
+        if (stop) return cb(stop);
         cb(null, {
           responses: call.request.digests.map((d) => {
             const data = this.content(d.hash);
@@ -110,12 +263,34 @@ export class FakeUpstream {
           }),
         });
       },
-      batchUpdateBlobs: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED }),
+      batchUpdateBlobs: (call, cb) => {
+        const stop = this.enter('BatchUpdateBlobs', call.request.instanceName);
+        if (stop === 'killed') return;
+        if (stop) return cb(stop);
+        if (!this.acceptWrites) return cb(this.denied('BatchUpdateBlobs'));
+        // As both BuildStream servers: the whole batch is refused over the advertised limit.
+        const total = call.request.requests.reduce((n, r) => n + Number(r.digest?.sizeBytes ?? 0n), 0);
+        if (total > this.maxBatchBytes) return cb({ code: grpc.status.INVALID_ARGUMENT, details: `batch of ${total} bytes is over ${this.maxBatchBytes}` });
+        cb(null, {
+          responses: call.request.requests.map((r) => {
+            const d = r.digest ?? { hash: '', sizeBytes: 0n };
+            const matches = r.data.byteLength === Number(d.sizeBytes) && createHash('sha256').update(r.data).digest('hex') === d.hash;
+            if (!matches) return { digest: d, status: { code: grpc.status.INVALID_ARGUMENT, message: 'content does not match the digest', details: [] } };
+            this.store(d.hash, r.data);
+            return { digest: d, status: { code: grpc.status.OK, message: '', details: [] } };
+          }),
+        });
+      },
       getTree: (call) => call.emit('error', { code: grpc.status.UNIMPLEMENTED }),
     };
     const bytestream: ByteStreamServer = {
       read: (call) => {
-        this.hit('ByteStream.Read');
+        const stop = this.enter('ByteStream.Read');
+        if (stop === 'killed') return;
+        if (stop) {
+          call.emit('error', stop);
+          return;
+        }
         const hash = call.request.resourceName.split('/').at(-2) ?? '';
         const data = this.content(hash);
         if (!data) {
@@ -137,11 +312,20 @@ export class FakeUpstream {
           call.on('cancelled', () => this.stalledReads.delete(call));
         }
       },
-      write: (_call, cb) => cb({ code: grpc.status.UNIMPLEMENTED }),
+      write: (call, cb) => {
+        const stop = this.enter('ByteStream.Write');
+        if (stop === 'killed') return;
+        if (stop) return cb(stop);
+        // 1.6's server refuses before reading anything.
+        if (!this.acceptWrites) return cb(this.denied('ByteStream.Write'));
+        this.takeUpload(call, (err, committed) => (err ? cb(err) : cb(null, { committedSize: BigInt(committed ?? 0) })));
+      },
     };
     const capabilities: CapabilitiesServer = {
-      getCapabilities: (_call, cb) => {
-        this.hit('GetCapabilities');
+      getCapabilities: (call, cb) => {
+        const stop = this.enter('GetCapabilities', call.request.instanceName);
+        if (stop === 'killed') return;
+        if (stop) return cb(stop);
         cb(null, {
           cacheCapabilities: {
             digestFunctions: [DigestFunction_Value.SHA256],
@@ -162,27 +346,65 @@ export class FakeUpstream {
     if (this.dialect === 'remote-asset') {
       const fetch: FetchServer = {
         fetchBlob: (call, cb) => {
-          const found = this.findAsset('FetchBlob', call.request.uris);
+          const stop = this.enter('FetchBlob', call.request.instanceName);
+          if (stop === 'killed') return;
+          if (stop) return cb(stop);
+          const found = this.findAsset(call.request.uris);
           if ('error' in found) return cb(found.error);
           cb(null, { status: { code: 0, message: '' }, uri: found.uri, qualifiers: [], blobDigest: found.digest, digestFunction: 0 });
         },
         fetchDirectory: (call, cb) => {
-          const found = this.findAsset('FetchDirectory', call.request.uris);
+          const stop = this.enter('FetchDirectory', call.request.instanceName);
+          if (stop === 'killed') return;
+          if (stop) return cb(stop);
+          const found = this.findAsset(call.request.uris);
           if ('error' in found) return cb(found.error);
           cb(null, { status: { code: 0, message: '' }, uri: found.uri, qualifiers: [], rootDirectoryDigest: found.digest, digestFunction: 0 });
         },
       };
       server.addService(FetchService, fetch);
+      const push: PushServer = {
+        pushBlob: (call, cb) => {
+          const stop = this.enter('PushBlob', call.request.instanceName);
+          if (stop === 'killed') return;
+          const err = stop ?? this.takeAsset('PushBlob', call.request, call.request.blobDigest);
+          if (err) return cb(err);
+          cb(null, {});
+        },
+        pushDirectory: (call, cb) => {
+          const stop = this.enter('PushDirectory', call.request.instanceName);
+          if (stop === 'killed') return;
+          const err = stop ?? this.takeAsset('PushDirectory', call.request, call.request.rootDirectoryDigest);
+          if (err) return cb(err);
+          cb(null, {});
+        },
+      };
+      server.addService(PushService, push);
     } else {
       const refs: ReferenceStorageServer = {
         getReference: (call, cb) => {
-          this.hit('GetReference');
+          const stop = this.enter('GetReference', call.request.instanceName);
+          if (stop === 'killed') return;
+          if (stop) return cb(stop);
           const d = this.refs.get(call.request.key);
           if (!d) return cb(notFound('no such ref'));
           cb(null, { digest: { hash: d.hash, sizeBytes: BigInt(d.sizeBytes) } });
         },
-        updateReference: (_call, cb) => cb({ code: grpc.status.PERMISSION_DENIED }),
-        status: (_call, cb) => cb(null, { allowUpdates: false }),
+        updateReference: (call, cb) => {
+          const stop = this.enter('UpdateReference', call.request.instanceName);
+          if (stop === 'killed') return;
+          if (stop) return cb(stop);
+          if (!this.acceptWrites) return cb(this.denied('UpdateReference'));
+          // As 1.6's server: every key is set, with no check that the blobs are there.
+          const d = call.request.digest ?? { hash: '', sizeBytes: 0n };
+          this.refUpdates.push(call.request);
+          for (const key of call.request.keys) {
+            this.refs.set(key, { hash: d.hash, sizeBytes: Number(d.sizeBytes) });
+            this.writeLog.push(`ref ${key}`);
+          }
+          cb(null, {});
+        },
+        status: (_call, cb) => cb(null, { allowUpdates: this.acceptWrites }),
       };
       server.addService(ReferenceStorageService, refs);
     }
