@@ -130,7 +130,7 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
 
 test('README: the CLI reference is the real --help output', async () => {
   const readme = await readFile(join(REPO_ROOT, 'README.md'), 'utf8');
-  for (const command of [[], ['serve'], ['sync'], ['status'], ['verify']]) {
+  for (const command of [[], ['serve'], ['sync'], ['push'], ['status'], ['verify']]) {
     const help = await runCli([...command, '--help']);
     assert.equal(help.code, 0);
     assert.ok(readme.includes(`\`\`\`\n${help.stdout.trimEnd()}\n\`\`\``), `README's CLI reference is out of date for '${command.join(' ') || '(top level)'} --help': regenerate it`);
