@@ -12,7 +12,9 @@ import { verifyStore } from '../src/cas/verify.js';
 import { parseConfig } from '../src/config/load.js';
 import type { RunRecord, StatusReport } from '../src/control/protocol.js';
 import { Daemon } from '../src/daemon/daemon.js';
-import { FetchClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
+import { FetchClient, PushClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
+import { ContentAddressableStorageClient, Directory } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
+import { digestOf, toWire } from '../src/cas/digest.js';
 import { silentLogger } from '../src/log.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { CLI, REPO_ROOT, runCli, tempDir } from './helpers/mirror.js';
@@ -370,4 +372,48 @@ test('daemon: with every upstream down, a run reports the names the mirror holds
     client.fetchDirectory({ instanceName: '', uris: [`${URN_PREFIX}v1:${REF_A}`], qualifiers: [], digestFunction: 0 }, (err) => resolve(err ? err.code : grpc.status.OK)),
   );
   assert.equal(held, grpc.status.OK);
+});
+
+test('daemon: a name pushed to the push listener is queued before the push is acknowledged and replicated to the push upstream', async (t) => {
+  const up = new FakeUpstream('remote-asset');
+  up.acceptWrites = true;
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const tokenFile = join(dir, 'push.token');
+  await writeFile(tokenFile, 'ci-token\n');
+  const yaml = `dir: ${dir}\nlog-level: silent\nupstreams:\n  - name: central\n    url: ${up.url}\n    push: true\nlisten:\n  - 127.0.0.1:0\n  - address: 127.0.0.1:0\n    push: true\n    access-token: ${tokenFile}\n`;
+  const daemon = await Daemon.start(parseConfig(yaml, join(dir, 'mirror.yaml')), { log: silentLogger(), syncAtStart: false });
+  t.after(() => daemon.stop());
+  const [, pushAddress] = daemon.addresses;
+  assert.ok(pushAddress);
+  const md = new grpc.Metadata();
+  md.set('authorization', 'Bearer ci-token');
+  const file = Buffer.from('built in the office\n');
+  const root = Buffer.from(Directory.encode({ files: [{ name: 'f', digest: toWire(digestOf(file)), isExecutable: false }], directories: [], symlinks: [] }).finish());
+  const cas = new ContentAddressableStorageClient(pushAddress, grpc.credentials.createInsecure());
+  const push = new PushClient(pushAddress, grpc.credentials.createInsecure());
+  t.after(() => {
+    cas.close();
+    push.close();
+  });
+  await new Promise<void>((resolve, reject) =>
+    cas.batchUpdateBlobs({ instanceName: '', requests: [file, root].map((data) => ({ digest: toWire(digestOf(data)), data, compressor: 0 })), digestFunction: 0 }, md, (err) => (err ? reject(err) : resolve())),
+  );
+  const urn = `${URN_PREFIX}source:office/${KEY}`;
+  await new Promise<void>((resolve, reject) =>
+    push.pushDirectory({ instanceName: '', uris: [urn], qualifiers: [], rootDirectoryDigest: toWire(digestOf(root)), referencesBlobs: [], referencesDirectories: [], digestFunction: 0 }, md, (err) => (err ? reject(err) : resolve())),
+  );
+  await daemon.pushIdle();
+  assert.equal(up.assets.get(urn)?.hash, digestOf(root).hash);
+  assert.equal(up.writeLog.at(-1), `asset ${urn}`, 'the name is set last');
+  const status = await daemon.status();
+  assert.deepEqual({ depth: status.push.depth, failed: status.push.failed.length }, { depth: 0, failed: 0 });
+  // The pull-only listener refuses the same write.
+  const pullOnly = new PushClient(daemon.addresses[0] ?? '', grpc.credentials.createInsecure());
+  t.after(() => pullOnly.close());
+  const refused = await new Promise<grpc.status>((resolve) =>
+    pullOnly.pushDirectory({ instanceName: '', uris: [urn], qualifiers: [], rootDirectoryDigest: toWire(digestOf(root)), referencesBlobs: [], referencesDirectories: [], digestFunction: 0 }, (err) => resolve(err ? err.code : grpc.status.OK)),
+  );
+  assert.equal(refused, grpc.status.PERMISSION_DENIED);
 });
