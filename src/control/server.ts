@@ -54,6 +54,18 @@ function parse<S extends z.ZodType>(schema: S, request: unknown, version: string
   return data;
 }
 
+/** A unary control method: validates, runs the handler, maps its error. */
+function controlUnary<Res>(log: Logger, method: string, fn: (request: unknown) => Promise<Res>): grpc.handleUnaryCall<unknown, Res> {
+  return (call, callback) => {
+    Promise.resolve()
+      .then(() => fn(call.request))
+      .then(
+        (res) => callback(null, res),
+        (err: unknown) => callback(controlError(err, log, method)),
+      );
+  };
+}
+
 /** The control endpoint on `<dir>/control.sock`, readable and writable by its owner only. */
 export class ControlServer {
   private constructor(
@@ -103,31 +115,12 @@ export class ControlServer {
             },
           );
       },
-      status: (call: grpc.ServerUnaryCall<unknown, StatusReport>, callback: grpc.sendUnaryData<StatusReport>) => {
-        Promise.resolve()
-          .then(() => parse(statusRequestSchema, call.request, version))
-          .then(() => handlers.status())
-          .then(
-            (report) => callback(null, report),
-            (err: unknown) => callback(controlError(err, log, 'control.Status')),
-          );
-      },
-      push: (call: grpc.ServerUnaryCall<unknown, PushReport>, callback: grpc.sendUnaryData<PushReport>) => {
-        Promise.resolve()
-          .then(() => handlers.push(parse(pushRequestSchema, call.request, version)))
-          .then(
-            (report) => callback(null, report),
-            (err: unknown) => callback(controlError(err, log, 'control.Push')),
-          );
-      },
-      verify: (call: grpc.ServerUnaryCall<unknown, VerifyReport>, callback: grpc.sendUnaryData<VerifyReport>) => {
-        Promise.resolve()
-          .then(() => handlers.verify(parse(verifyRequestSchema, call.request, version)))
-          .then(
-            (report) => callback(null, report),
-            (err: unknown) => callback(controlError(err, log, 'control.Verify')),
-          );
-      },
+      status: controlUnary(log, 'control.Status', (request) => {
+        parse(statusRequestSchema, request, version);
+        return handlers.status();
+      }),
+      push: controlUnary(log, 'control.Push', (request) => handlers.push(parse(pushRequestSchema, request, version))),
+      verify: controlUnary(log, 'control.Verify', (request) => handlers.verify(parse(verifyRequestSchema, request, version))),
     });
     // Created owner-only: no moment at which another user could connect.
     const umask = process.umask(0o177);
