@@ -1,6 +1,6 @@
 import cliProgress from 'cli-progress';
 import type { Logger } from 'pino';
-import { DiskContentStore } from '../cas/disk-store.js';
+import type { DiskContentStore } from '../cas/disk-store.js';
 import { parseUserName } from '../cas/names.js';
 import { ControlClient } from '../control/client.js';
 import { MirrorError, errorMessage } from '../errors.js';
@@ -9,6 +9,7 @@ import { type ProjectSpec, projectNames } from '../sync/project-names.js';
 import { readRefsFile } from '../sync/refs-file.js';
 import { type SyncProgress, type SyncReport, syncNames } from '../sync/sync-job.js';
 import { VERSION } from '../version.js';
+import { openStoreOrDaemon } from './daemon-or-store.js';
 import { formatBytes } from './format.js';
 import { formatDuration } from './status-format.js';
 
@@ -44,13 +45,17 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
     }
   });
   if (invalid.length > 0) throw new MirrorError('CONFIG_INVALID', `invalid name${invalid.length > 1 ? 's' : ''}:\n  ${invalid.join('\n  ')}`);
+  if (args.upstreams.length === 0 && !(await ControlClient.connect(args.dir).then((c) => (c?.close(), c !== undefined)))) {
+    throw new MirrorError('CONFIG_INVALID', `give --upstream URL: no daemon runs on ${args.dir} to take its upstreams from`);
+  }
   const progress = new ProgressDisplay(process.stderr.isTTY && !args.json);
   let result: { report: SyncReport; notes: readonly string[] };
-  const daemon = await ControlClient.connect(args.dir);
+  // sync is the store's writer: temp files a crashed run left are removed (partial downloads are
+  // kept and resumed).
+  const target = await openStoreOrDaemon(args.dir, log, { removeStaleTemp: true });
   try {
-    if (daemon) {
-      log.debug({ socket: daemon.path }, 'syncing through the daemon');
-      result = await daemon.sync(
+    if ('daemon' in target) {
+      result = await target.daemon.sync(
         {
           version: VERSION,
           names,
@@ -62,11 +67,12 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
         (p) => progress.update(p),
       );
     } else {
-      result = await syncHere(args, names, log, (p) => progress.update(p));
+      result = await syncHere(args, names, log, (p) => progress.update(p), target.store);
     }
   } finally {
     progress.stop();
-    daemon?.close();
+    if ('daemon' in target) target.daemon.close();
+    else await target.store.close();
   }
   for (const note of result.notes) process.stderr.write(`note: ${note}\n`);
   printSummary(result.report, args.json, out);
@@ -74,7 +80,7 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
 }
 
 /** Without a daemon: this process opens the store and is its writer for the run. */
-async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
+async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onProgress: (p: SyncProgress) => void, store: DiskContentStore): Promise<{ report: SyncReport; notes: string[] }> {
   if (args.upstreams.length === 0) {
     throw new MirrorError('CONFIG_INVALID', `give --upstream URL: no daemon runs on ${args.dir} to take its upstreams from`);
   }
@@ -88,15 +94,11 @@ async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onP
     throw new MirrorError('CONFIG_INVALID', 'no names to sync: give --ref NAME, --refs-file FILE or --project DIR --target ELEMENT.bst');
   }
   const upstreams = await Promise.all(args.upstreams.map((spec) => GrpcUpstream.create(spec)));
-  // sync is the store's writer: temp files a crashed run left are removed (partial downloads are
-  // kept and resumed).
-  const store = await DiskContentStore.open(args.dir, log, { removeStaleTemp: true });
   try {
     const report = await syncNames({ store, upstreams, names, withBuildtrees: args.withBuildtrees, concurrency: args.concurrency, log, onProgress });
     return { report, notes };
   } finally {
     for (const u of upstreams) u.close();
-    await store.close();
   }
 }
 
