@@ -34,7 +34,15 @@ async function pushMirror(t: test.TestContext, accessToken: string | undefined =
     listen: '127.0.0.1:0',
     maxBatchBytes: 1 << 20,
     log,
-    push: { sink: { namePushed: async (urn) => void pushed.push(urn) }, accessToken },
+    push: {
+      sink: {
+        namePushed: async (urn, recordName) => {
+          pushed.push(urn);
+          await recordName();
+        },
+      },
+      accessToken,
+    },
   });
   t.after(async () => {
     await server.stop(1000);

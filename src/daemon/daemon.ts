@@ -149,7 +149,10 @@ export class Daemon {
       void importAll(dir, this.store, this.log).then(
         async (results) => {
           for (const r of results) {
-            if (r.result.status === 'imported') await this.pushQueue.enqueue(r.urn);
+            // A name imported before a kill -9 may have missed its jobs: names from a local cache
+            // are queued again (a job finding the upstream has it is one lookup).
+            const fromCache = r.result.status === 'present' && (await this.store.getName(r.urn))?.upstream.startsWith('local cache') === true;
+            if (r.result.status === 'imported' || fromCache) await this.pushQueue.enqueue(r.urn);
             else if (r.result.status === 'incomplete') void this.importWatched(dir, r.urn, 1);
           }
         },
@@ -200,7 +203,7 @@ export class Daemon {
     this.upstreamSet = await this.buildUpstreams(config.upstreams);
     // Jobs a previous run (or a kill -9) left are resumed before anything new is accepted.
     await this.pushQueue.start();
-    const sink: PushSink = { namePushed: (urn) => this.pushQueue.enqueue(urn) };
+    const sink: PushSink = { namePushed: (urn, recordName) => this.pushQueue.enqueue(urn, recordName) };
     const budget = new SendBudget(config.serve.limits.sendBudgetBytes);
     for (const listener of config.listen) {
       this.servers.push(
@@ -526,7 +529,7 @@ export class Daemon {
         running,
         waitingRuns: this.runner.waiting,
         configError: this.configError,
-        watching: [...this.config.sync.refsFiles, ...this.config.sync.projects.map((p) => p.path)],
+        watching: [...this.config.sync.refsFiles, ...this.config.sync.projects.map((p) => p.path), ...this.config.replicate.watch],
       },
     };
   }

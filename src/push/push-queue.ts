@@ -143,10 +143,17 @@ export class PushQueue {
    * resolves once they are recorded, so a client may be acknowledged then. A job already pending
    * for (urn, target) is not duplicated; one running is run once more afterwards (the name may
    * point elsewhere now); a failed one is queued afresh.
+   *
+   * `recordName`, when given, runs after the jobs are recorded and before they can start: the
+   * push listener records the pushed name there, so a kill -9 can leave a job without its name
+   * (dropped when it runs; the unacknowledged client pushes again) but never a name without its job.
    */
-  async enqueue(urn: string): Promise<void> {
+  async enqueue(urn: string, recordName?: () => Promise<void>): Promise<void> {
     const targets = this.options.targets();
-    if (targets.length === 0) return;
+    if (targets.length === 0) {
+      await recordName?.();
+      return;
+    }
     await this.serial(async () => {
       const now = this.now();
       const puts: { type: 'put'; key: string; value: PushJobRecord }[] = [];
@@ -168,6 +175,7 @@ export class PushQueue {
         queued.push(record);
       }
       await this.table.batch(puts);
+      await recordName?.();
       for (const record of queued) this.schedule(record);
     });
   }

@@ -12,11 +12,13 @@ import { toStatus } from './status.js';
 import { checkDigestFunction, checkInstanceName } from './request-checks.js';
 
 /**
- * Where names pushed to the mirror go once they are stored and recorded: the daemon queues their
- * replication upstream. Contract: resolves once that is durable (the client is told OK only then).
+ * Where names pushed to the mirror go once their closure is stored: the daemon records their
+ * replication jobs durably, then calls `recordName` (which records the name in the store), in that
+ * order, so no name is ever recorded without its jobs. Resolves once both are done; the client is
+ * told OK only then.
  */
 export interface PushSink {
-  namePushed(urn: string): Promise<void>;
+  namePushed(urn: string, recordName: () => Promise<void>): Promise<void>;
 }
 
 /**
@@ -117,8 +119,7 @@ export class PushIntake {
       const read = (d: Digest) => this.store.readBytes(d).catch(() => undefined);
       const problem = await closureProblem(name.urn, record, read, (ds) => this.store.findMissing(ds));
       if (problem !== undefined) throw new MirrorError('CLOSURE_INCOMPLETE', `'${name.urn}' not recorded: ${problem}; upload every blob it needs first`);
-      await this.store.putName(name.urn, record);
-      await this.sink.namePushed(name.urn);
+      await this.sink.namePushed(name.urn, () => this.store.putName(name.urn, record));
       this.log.info({ urn: name.urn, digest: digestKey(digest), peer }, 'name pushed');
     }
   }

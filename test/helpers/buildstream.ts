@@ -170,6 +170,11 @@ export type ReferenceServerOptions = {
   enablePush: boolean;
   logRpcs?: boolean;
   startTimeoutMs?: number;
+  /**
+   * Bind this port instead of an ephemeral one, e.g. the `port` of a server stopped before, to
+   * bring an upstream back at the same address on the same `repo`. Default: ephemeral.
+   */
+  port?: number;
 } & (
   | { bst?: 1; indexOnly?: never }
   | {
@@ -180,7 +185,29 @@ export type ReferenceServerOptions = {
 );
 
 /**
- * Start BuildStream's reference artifact server on 127.0.0.1 with an ephemeral port:
+ * `python -c FIXED_PORT_SHIM PORT casserver.py ARGS...`: runs the fixture as its own `__main__`
+ * with `grpc.server()` patched so that the server's `add_insecure_port('127.0.0.1:0')` binds
+ * 127.0.0.1:PORT instead (gRPC sets SO_REUSEADDR, so a port just released can be bound again).
+ * The fixture's `--log-rpcs` wrapper of `grpc.server` wraps this one, so both apply.
+ */
+const FIXED_PORT_SHIM = [
+  'import runpy, sys',
+  'import grpc',
+  'port = int(sys.argv.pop(1))',
+  'real_server = grpc.server',
+  'def fixed_port_server(*args, **kwargs):',
+  '    server = real_server(*args, **kwargs)',
+  '    bind = server.add_insecure_port',
+  "    server.add_insecure_port = lambda address: bind('{}:{}'.format(address.rsplit(':', 1)[0], port))",
+  '    return server',
+  'grpc.server = fixed_port_server',
+  'sys.argv = sys.argv[1:]',
+  "runpy.run_path(sys.argv[0], run_name='__main__')",
+  '',
+].join('\n');
+
+/**
+ * Start BuildStream's reference artifact server on 127.0.0.1 with an ephemeral port (or `port`):
  * 1.6's (`bst` omitted or 1) or the casd-backed 2.x one (`bst: 2`; with `indexOnly`, an
  * index-only server as in BuildStream's split-share tests). The 2.x server's Push service
  * exists only with `enablePush`; without it PushBlob answers UNIMPLEMENTED.
@@ -197,7 +224,9 @@ export async function startReferenceServer(opts: ReferenceServerOptions): Promis
   if (opts.logRpcs === true) args.push('--log-rpcs');
   if (opts.bst === 2 && opts.indexOnly === true) args.push('--index-only');
 
-  const child = spawn(pythonFor(version), args, {
+  // With a fixed port, the fixture runs under a shim that makes its bind of 127.0.0.1:0 take that port.
+  const argv = opts.port === undefined ? args : ['-c', FIXED_PORT_SHIM, String(Math.trunc(opts.port)), ...args];
+  const child = spawn(pythonFor(version), argv, {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...minimalEnv(version), PYTHONUNBUFFERED: '1' },
   });
@@ -540,6 +569,19 @@ function yamlString(value: string): string {
 }
 
 /**
+ * One artifact remote of a BuildStream 1.6 user config. For an `https://` url, the TLS keys of
+ * 1.6's remote spec (PEM files; written as absolute paths): `serverCert` to trust, and a client
+ * certificate (`clientCert` with `clientKey`) to present.
+ */
+export interface Bst1Remote {
+  url: string;
+  push: boolean;
+  serverCert?: string;
+  clientKey?: string;
+  clientCert?: string;
+}
+
+/**
  * YAML for a BuildStream 1.6 user config (`bst -c FILE`). All of BuildStream's
  * directories go under `root`; `remotes` become a per-project override
  * (`projects: <name>: artifacts: [...]`), which has the highest priority in 1.6.
@@ -548,7 +590,7 @@ function yamlString(value: string): string {
  */
 export function bstUserConfig(opts: {
   root: string;
-  remotes: Array<{ url: string; push: boolean }>;
+  remotes: Bst1Remote[];
   projectName: string;
   strict?: boolean;
   networkRetries?: number;
@@ -572,6 +614,9 @@ export function bstUserConfig(opts: {
     lines.push('    artifacts:');
     for (const remote of opts.remotes) {
       lines.push(`    - url: ${yamlString(remote.url)}`, `      push: ${remote.push ? 'True' : 'False'}`);
+      if (remote.serverCert !== undefined) lines.push(`      server-cert: ${yamlString(resolve(remote.serverCert))}`);
+      if (remote.clientKey !== undefined) lines.push(`      client-key: ${yamlString(resolve(remote.clientKey))}`);
+      if (remote.clientCert !== undefined) lines.push(`      client-cert: ${yamlString(resolve(remote.clientCert))}`);
     }
   }
   lines.push('');
@@ -586,6 +631,11 @@ export interface Bst2Remote {
   type?: 'index' | 'storage' | 'all';
   /** REAPI instance name, sent by casd in every request; omitted means none. */
   instanceName?: string;
+  /**
+   * The remote's `auth:` mapping (PEM files; written as absolute paths): `serverCert` to trust,
+   * and a client certificate (`clientCert` with `clientKey`) to present. For `https://` urls.
+   */
+  auth?: { serverCert?: string; clientKey?: string; clientCert?: string };
 }
 
 function bst2Servers(key: string, remotes: Bst2Remote[], overrideProjectCaches: boolean): string[] {
@@ -599,6 +649,12 @@ function bst2Servers(key: string, remotes: Bst2Remote[], overrideProjectCaches: 
     lines.push(`      - url: ${yamlString(remote.url)}`, `        push: ${remote.push ? 'true' : 'false'}`);
     if (remote.type !== undefined) lines.push(`        type: ${remote.type}`);
     if (remote.instanceName !== undefined) lines.push(`        instance-name: ${yamlString(remote.instanceName)}`);
+    if (remote.auth !== undefined) {
+      lines.push('        auth:');
+      if (remote.auth.serverCert !== undefined) lines.push(`          server-cert: ${yamlString(resolve(remote.auth.serverCert))}`);
+      if (remote.auth.clientKey !== undefined) lines.push(`          client-key: ${yamlString(resolve(remote.auth.clientKey))}`);
+      if (remote.auth.clientCert !== undefined) lines.push(`          client-cert: ${yamlString(resolve(remote.auth.clientCert))}`);
+    }
   }
   return lines;
 }
