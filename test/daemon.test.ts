@@ -9,12 +9,12 @@ import * as grpc from '@grpc/grpc-js';
 import { DiskContentStore } from '../src/cas/disk-store.js';
 import { URN_PREFIX } from '../src/cas/names.js';
 import { verifyStore } from '../src/cas/verify.js';
-import { parseConfig } from '../src/config/load.js';
+import { loadConfig, parseConfig } from '../src/config/load.js';
 import type { RunRecord, StatusReport } from '../src/control/protocol.js';
 import { Daemon } from '../src/daemon/daemon.js';
 import { FetchClient, PushClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
-import { ContentAddressableStorageClient, Directory } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
-import { digestOf, toWire } from '../src/cas/digest.js';
+import { ContentAddressableStorageClient, Digest as DigestMessage, Directory } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
+import { type Digest, digestOf, toWire } from '../src/cas/digest.js';
 import { silentLogger } from '../src/log.js';
 import { FakeUpstream } from './helpers/fake-upstream.js';
 import { CLI, REPO_ROOT, runCli, tempDir } from './helpers/mirror.js';
@@ -276,7 +276,6 @@ test('daemon: an invalid config edit is reported and the running config kept; a 
   const file = join(dir, 'mirror.yaml');
   const base = `dir: ${dir}\nlisten: ["127.0.0.1:0"]\nlog-level: silent\nupstreams:\n  - url: ${up.url}\nsync:\n  refs: [${REF_A}]\n`;
   await writeFile(file, base);
-  const { loadConfig } = await import('../src/config/load.js');
   const daemon = await Daemon.start(await loadConfig(file), { configFile: file, log: silentLogger(), syncAtStart: false });
   t.after(() => daemon.stop());
   const client = fetchClient(t, daemon.addresses[0] ?? '');
@@ -416,4 +415,55 @@ test('daemon: a name pushed to the push listener is queued before the push is ac
     pullOnly.pushDirectory({ instanceName: '', uris: [urn], qualifiers: [], rootDirectoryDigest: toWire(digestOf(root)), referencesBlobs: [], referencesDirectories: [], digestFunction: 0 }, (err) => resolve(err ? err.code : grpc.status.OK)),
   );
   assert.equal(refused, grpc.status.PERMISSION_DENIED);
+});
+
+/** A BuildStream 1.6-layout local cache holding one ref to a one-file tree, written by hand. */
+async function bst1Cache(dir: string, ref: string): Promise<{ root: Digest }> {
+  const file = Buffer.from(`built locally for ${ref}\n`);
+  const root = Buffer.from(Directory.encode({ files: [{ name: 'f', digest: toWire(digestOf(file)), isExecutable: false }], directories: [], symlinks: [] }).finish());
+  for (const data of [file, root]) {
+    const { hash } = digestOf(data);
+    await mkdir(join(dir, 'artifacts/cas/objects', hash.slice(0, 2)), { recursive: true });
+    await writeFile(join(dir, 'artifacts/cas/objects', hash.slice(0, 2), hash.slice(2)), data);
+  }
+  const refPath = join(dir, 'artifacts/cas/refs/heads', ref);
+  await mkdir(join(refPath, '..'), { recursive: true });
+  await writeFile(refPath, Buffer.from(DigestMessage.encode(toWire(digestOf(root))).finish()));
+  return { root: digestOf(root) };
+}
+
+test('push --from CACHE_DIR: through the daemon (jobs queued there), or with --config when none runs (pushed now); --retry-failed', async (t) => {
+  const up = new FakeUpstream('reference-storage');
+  up.acceptWrites = true;
+  await up.start();
+  t.after(() => up.stop());
+  const dir = await tempDir(t);
+  const cache = join(dir, 'bst-cache');
+  const refA = `proj/a/${KEY}`;
+  const refB = `proj/b/${'b'.repeat(64)}`;
+  const { root } = await bst1Cache(cache, refA);
+  const file = join(dir, 'mirror.yaml');
+  await writeFile(file, `dir: ${join(dir, 'store')}\nlisten: ["127.0.0.1:0"]\nlog-level: silent\nupstreams:\n  - name: central\n    url: ${up.url}\n    push: true\n`);
+  // No daemon: --config pushes to its push: true upstreams now.
+  const now = await runCli(['push', '--dir', join(dir, 'store'), '--from', cache, '--config', file]);
+  assert.equal(now.code, 0, now.stderr);
+  assert.match(now.stdout, /imported 1, already in the mirror 0, incomplete 0, failed 0 \(of 1 names\)/);
+  assert.match(now.stdout, /pushed: every job done/);
+  assert.equal(up.refs.get(refA)?.hash, root.hash);
+  const noConfig = await runCli(['push', '--dir', join(dir, 'store'), '--from', cache]);
+  assert.equal(noConfig.code, 2);
+  assert.match(noConfig.stderr, /no daemon runs on .*give --config FILE/);
+
+  // Through a running daemon: the name is queued there and replicated.
+  const daemon = await Daemon.start(await loadConfig(file), { log: silentLogger(), syncAtStart: false });
+  t.after(() => daemon.stop());
+  const rootB = (await bst1Cache(cache, refB)).root;
+  const via = await runCli(['push', '--dir', join(dir, 'store'), '--from', cache, '--ref', refB]);
+  assert.equal(via.code, 0, via.stderr);
+  assert.match(via.stdout, /imported 1, already in the mirror 0/);
+  assert.match(via.stdout, /queued 1 names for the upstreams with push: true/);
+  await daemon.pushIdle();
+  assert.equal(up.refs.get(refB)?.hash, rootB.hash);
+  const retry = await runCli(['push', '--dir', join(dir, 'store'), '--retry-failed']);
+  assert.equal(retry.code, 0, retry.stderr);
 });
