@@ -269,6 +269,11 @@ test("bst 1.6 push to the mirror's push port with a client certificate reaches t
   assertBstOk(push, 'bst push to the mirror with the office certificate');
   assert.equal(countOf(push.stderr, /Pushed artifact/g), project.elements.length, push.stderr);
   assert.deepEqual([...tap.urns('name pushed')].sort(), v1Urns(refs), 'the mirror recorded every ref bst pushed');
+  // The mirror serves them at once, over https to a client holding the certificate.
+  const fromMirror = [{ ...bst1PushRemote(pushUrl, certs, certs.office), push: false }];
+  const mirrorPull = await bst(['pull', '--deps', 'all', project.topElement], 'mirror-puller', fromMirror);
+  assertBstOk(mirrorPull, 'bst pull from the mirror over https');
+  assert.equal(countOf(mirrorPull.stderr, /Pulled artifact/g), project.elements.length, mirrorPull.stderr);
 
   await daemon.pushIdle();
   status = await daemon.status();
@@ -310,6 +315,10 @@ test('bst 2.8 artifact push to the mirror reaches the 2.x casserver upstream', {
   assertBstOk(push, 'bst artifact push to the mirror');
   assert.equal(countOf(push.stderr, /INFO\s+Pushed artifact/g), project.elements.length, push.stderr);
   assert.deepEqual([...tap.urns('name pushed')].sort(), urns, 'the mirror recorded the strong and weak name of every artifact');
+  // The mirror serves them at once, over https to a client holding the certificate.
+  const mirrorPull = await bst2(['artifact', 'pull', '--deps', 'all', project.topElement], 'mirror-puller', [{ url: pushUrl, push: false, auth }]);
+  assertBstOk(mirrorPull, 'bst artifact pull from the mirror over https');
+  assert.equal(countOf(mirrorPull.stderr, /INFO\s+Pulled artifact/g), project.elements.length, mirrorPull.stderr);
 
   await daemon.pushIdle();
   const status = await daemon.status();
