@@ -327,9 +327,9 @@ export class Daemon {
     }
     this.configError = undefined;
     const old = this.config;
-    const restartNeeded = ['dir', 'listen', 'serve'].filter((k) => !isDeepStrictEqual(old[k as keyof Config], next[k as keyof Config]));
+    const restartNeeded = ['dir', 'listen', 'serve', 'replicate'].filter((k) => !isDeepStrictEqual(old[k as keyof Config], next[k as keyof Config]));
     if (restartNeeded.length > 0) this.log.warn({ keys: restartNeeded }, 'config reload: these keys take effect at the next restart');
-    const applied: Config = { ...next, dir: old.dir, listen: old.listen, serve: old.serve, logLevel: old.logLevel };
+    const applied: Config = { ...next, dir: old.dir, listen: old.listen, serve: old.serve, replicate: old.replicate, logLevel: old.logLevel };
     if (!isDeepStrictEqual(old.upstreams, next.upstreams) || !isDeepStrictEqual(old.health, next.health)) {
       try {
         this.config = applied;
