@@ -1,4 +1,5 @@
 import { X509Certificate, createPrivateKey } from 'node:crypto';
+import { createSecureContext } from 'node:tls';
 import { readFile } from 'node:fs/promises';
 import { MirrorError, errorMessage } from './errors.js';
 
@@ -40,10 +41,35 @@ export function checkPem(file: string | undefined, pem: Buffer | undefined, what
       createPrivateKey(pem);
       return;
     }
-    const certificates = pem.toString('utf8').match(PEM_CERTIFICATE) ?? [];
+    const text = pem.toString('utf8');
+    const certificates = text.match(PEM_CERTIFICATE) ?? [];
     if (certificates.length === 0) throw new Error('no PEM certificate (-----BEGIN CERTIFICATE-----) in it');
+    // A truncated bundle would otherwise lose its last certificate without a word.
+    const begun = text.match(/-----BEGIN /g)?.length ?? 0;
+    if (begun !== certificates.length) throw new Error(`it has ${begun} PEM blocks but ${certificates.length} whole certificates: a block is cut short or is not a certificate`);
     for (const certificate of certificates) new X509Certificate(certificate);
   } catch (err) {
     throw new MirrorError('CONFIG_INVALID', `the ${what} file ${file} is not a PEM ${isKey ? 'private key' : 'certificate'}: ${errorMessage(err)}`, { cause: err });
   }
+}
+
+/** Checks that a certificate and its key belong together (OpenSSL refuses a mismatched pair only at the first handshake otherwise). */
+export function checkKeyPair(certFile: string, cert: Buffer, keyFile: string, key: Buffer): void {
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    throw new MirrorError('CONFIG_INVALID', `the certificate ${certFile} and the key ${keyFile} do not belong together: ${errorMessage(err)}`, { cause: err });
+  }
+}
+
+/** Certificates in a PEM file that are expired or not yet valid at `now`, one line each, for a start-up warning. */
+export function certificateValidityProblems(file: string, pem: Buffer, now = new Date()): string[] {
+  const problems: string[] = [];
+  for (const block of pem.toString('utf8').match(PEM_CERTIFICATE) ?? []) {
+    const certificate = new X509Certificate(block);
+    const subject = certificate.subject.replace(/\n/g, ', ');
+    if (new Date(certificate.validTo) < now) problems.push(`${file}: the certificate of ${subject} expired on ${certificate.validTo}`);
+    else if (new Date(certificate.validFrom) > now) problems.push(`${file}: the certificate of ${subject} is not valid before ${certificate.validFrom}`);
+  }
+  return problems;
 }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { type Server, type Socket, createServer } from 'node:net';
 import { join } from 'node:path';
 import test from 'node:test';
@@ -324,10 +324,14 @@ test('daemon: serve --config from the CLI; after kill -9 the stale control socke
   const dir = await tempDir(t);
   const file = join(dir, 'mirror.yaml');
   await writeFile(file, `dir: ${dir}\nlisten: ["127.0.0.1:0"]\nlog-level: warn\nupstreams:\n  - name: central\n    url: ${up.url}\nsync:\n  refs: [${REF_A}]\n`);
+  // Without a daemon, --config gives sync the store and the upstreams of the file.
+  const alone = await runCli(['sync', '--config', file, '--ref', REF_A]);
+  assert.equal(alone.code, 0, alone.stderr);
   const first = await serveWithConfig(t, file);
   const synced = await runCli(['sync', '--dir', dir]);
   assert.equal(synced.code, 0, synced.stderr);
-  const running = await runCli(['status', '--dir', dir]);
+  // --config finds the daemon through the file's dir.
+  const running = await runCli(['status', '--config', file]);
   assert.match(running.stdout, /daemon: running/);
   first.child.kill('SIGKILL');
   await first.exited;
@@ -445,8 +449,10 @@ test('push --from CACHE_DIR: through the daemon (jobs queued there), or with --c
   const file = join(dir, 'mirror.yaml');
   await writeFile(file, `dir: ${join(dir, 'store')}\nlisten: ["127.0.0.1:0"]\nlog-level: silent\nupstreams:\n  - name: central\n    url: ${up.url}\n    push: true\n`);
   // No daemon: --config pushes to its push: true upstreams now.
-  const now = await runCli(['push', '--dir', join(dir, 'store'), '--from', cache, '--config', file]);
+  // No --dir: the config's dir is the store (never the default data directory).
+  const now = await runCli(['push', '--from', cache, '--config', file], { HOME: join(dir, 'home'), BST_CACHE_MIRROR_DIR: '', XDG_DATA_HOME: '' });
   assert.equal(now.code, 0, now.stderr);
+  assert.equal(await stat(join(dir, 'home')).then(() => true, () => false), false);
   assert.match(now.stdout, /imported 1, already in the mirror 0, incomplete 0, failed 0 \(of 1 names\)/);
   assert.match(now.stdout, /pushed: every job done/);
   assert.equal(up.refs.get(refA)?.hash, root.hash);

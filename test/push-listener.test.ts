@@ -52,7 +52,7 @@ async function pushMirror(t: test.TestContext, accessToken: string | undefined =
 }
 
 /** Clients whose every call carries the bearer token. */
-function authed(address: string, token: string): Clients {
+function authed(address: string, token: string, scheme = 'Bearer'): Clients {
   // grpc-js sends call credentials only over TLS, so the header is set on each call's metadata.
   const clients = clientsFor(address);
   const withToken = <C extends grpc.Client>(client: C): C => {
@@ -63,7 +63,7 @@ function authed(address: string, token: string): Clients {
         if (typeof value !== 'function' || !(prop in proto)) return value;
         return (...args: unknown[]) => {
           const md = args.find((a): a is grpc.Metadata => a instanceof grpc.Metadata);
-          md?.set('authorization', `Bearer ${token}`);
+          md?.set('authorization', `${scheme} ${token}`);
           return (value as (...a: unknown[]) => unknown).apply(target, args);
         };
       },
@@ -163,6 +163,13 @@ test('push listener: calls without the token are UNAUTHENTICATED; a push listene
   const wrong = authed(server.address, 'guess');
   t.after(() => wrong.close());
   await assert.rejects(call(wrong.cas, wrong.cas.findMissingBlobs, { instanceName: '', blobDigests: [], digestFunction: 0 }), { code: grpc.status.UNAUTHENTICATED });
+  const unprefixed = authed(server.address, TOKEN, '');
+  t.after(() => unprefixed.close());
+  await assert.rejects(call(unprefixed.cas, unprefixed.cas.findMissingBlobs, { instanceName: '', blobDigests: [], digestFunction: 0 }), { code: grpc.status.UNAUTHENTICATED });
+  // The scheme name is case-insensitive, as in HTTP.
+  const lower = authed(server.address, TOKEN, 'bearer');
+  t.after(() => lower.close());
+  await call(lower.cas, lower.cas.findMissingBlobs, { instanceName: '', blobDigests: [], digestFunction: 0 });
   assert.deepEqual(pushed, []);
   await assert.rejects(pushMirror(t, ''), /must authenticate its clients/);
 });

@@ -425,18 +425,42 @@ test('stop() ends waits for an offline upstream at once and leaves the job recor
   await queue.onIdle();
 });
 
-test('a name gone from the mirror, and a 2.x name for a ReferenceStorage upstream, are dropped, not failed', async (t) => {
+test('a 2.x name for a ReferenceStorage upstream is dropped; a name gone from the mirror and a job whose upstream left the config fail visibly; dropFailed forgets them', async (t) => {
   const { store } = await openStore(t);
   const b = new Builder(store);
   const artifact = await putArtifact(store, b);
   const up = await fake(t, 'reference-storage');
-  const queue = queueFor(t, store, [await target(t, { url: up.url })]);
+  const targets: PushTarget[] = [await target(t, { url: up.url })];
+  const queue = new PushQueue({ store, table: store.stateTable<PushJobRecord>('push-jobs'), targets: () => targets, log, retry: FAST_RETRY });
+  t.after(() => queue.stop(1000));
   await queue.start();
   await queue.enqueue(artifact.urn);
-  await queue.enqueue(refName(`proj/gone/${'e'.repeat(64)}`).urn);
+  const gone = refName(`proj/gone/${'e'.repeat(64)}`).urn;
+  await queue.enqueue(gone);
   await queue.onIdle();
-  assert.deepEqual(await queue.stats(), { depth: 0, failed: [] });
+  const first = await queue.stats();
+  assert.equal(first.depth, 0);
+  assert.deepEqual(
+    first.failed.map((f) => [f.urn, f.attempts]),
+    [[gone, 1]],
+    'the acknowledged name removed from the mirror (e.g. by verify --repair) fails after one attempt, with no upload and no retry',
+  );
+  assert.match(first.failed[0]?.lastError ?? '', /no longer in the mirror/);
   assert.equal(up.writeLog.length, 0);
+
+  // The upstream is renamed in the config (or set to push: false) while a job waits for it.
+  const { urn: ref, root } = await putRef(store, b, `proj/kept/${'f'.repeat(64)}`);
+  targets.length = 0;
+  targets.push({ ...(await target(t, { url: up.url })), name: 'renamed' });
+  await queue.enqueue(ref);
+  await queue.retryFailed();
+  await queue.onIdle();
+  const second = await queue.stats();
+  const orphan = second.failed.find((f) => f.upstream === up.url && f.urn === gone);
+  assert.match(orphan?.lastError ?? '', /no longer an upstream with push: true in the config/);
+  assert.equal(up.refs.get(`proj/kept/${'f'.repeat(64)}`)?.hash, root.hash, 'the renamed target gets new jobs');
+  assert.equal(await queue.dropFailed(), second.failed.length);
+  assert.deepEqual(await queue.stats(), { depth: 0, failed: [] });
 });
 
 test('upstream writes: early committed_size is success, a short upload and a corrupt blob are final errors', async (t) => {

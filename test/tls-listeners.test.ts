@@ -7,6 +7,7 @@ import { parseConfig } from '../src/config/load.js';
 import { Daemon } from '../src/daemon/daemon.js';
 import { CapabilitiesClient } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { silentLogger } from '../src/log.js';
+import { certificateValidityProblems } from '../src/pem.js';
 import { runCli, tempDir } from './helpers/mirror.js';
 import { makeCertificate } from './helpers/tls.js';
 
@@ -64,4 +65,26 @@ test('listeners: certificate files are checked at start (exit 2 naming the file)
   const clientOnly = await runCli(['serve', '--config', file]);
   assert.equal(clientOnly.code, 2);
   assert.match(clientOnly.stderr, /listen\[0\]: client-certs needs TLS/);
+
+  // A certificate with another certificate's key is refused at start, naming both files.
+  const other = await makeCertificate(dir, 'other');
+  const mismatched = await runCli(['serve', '--dir', dir, '--listen', '127.0.0.1:0', '--server-cert', server.certFile, '--server-key', other.keyFile]);
+  assert.equal(mismatched.code, 2);
+  assert.match(mismatched.stderr, /the certificate .*server\.crt and the key .*other\.key do not belong together/);
+  // A bundle whose last certificate is cut short is refused, not read as the certificates before it.
+  const truncated = join(dir, 'truncated.pem');
+  await writeFile(truncated, `${server.cert.toString()}-----BEGIN CERTIFICATE-----\nMIIB\n`);
+  const cut = await runCli(['serve', '--dir', dir, '--listen', '127.0.0.1:0', '--server-cert', server.certFile, '--server-key', server.keyFile, '--client-certs', truncated]);
+  assert.equal(cut.code, 2);
+  assert.match(cut.stderr, /truncated\.pem is not a PEM certificate: it has 2 PEM blocks but 1 whole certificates/);
+});
+
+test('certificates expired or not yet valid are named for a start-up warning', async (t) => {
+  const dir = await tempDir(t);
+  const { certFile, cert } = await makeCertificate(dir, 'short');
+  assert.deepEqual(certificateValidityProblems(certFile, cert), []);
+  const later = new Date(Date.now() + 10 * 86_400_000);
+  assert.match(certificateValidityProblems(certFile, cert, later)[0] ?? '', /short\.crt: the certificate of CN=short expired on /);
+  const earlier = new Date(Date.now() - 86_400_000);
+  assert.match(certificateValidityProblems(certFile, cert, earlier)[0] ?? '', /is not valid before /);
 });

@@ -5,6 +5,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { DEFAULT_RECHECK_AFTER_MS } from '../cas/disk-store.js';
 import { verifyStore } from '../cas/verify.js';
+import type { Config } from '../config/config.js';
 import { DEFAULT_LISTEN, defaultDataDir } from '../config/defaults.js';
 import { type ConfigOverrides, loadConfig, parseConfig } from '../config/load.js';
 import { Daemon } from '../daemon/daemon.js';
@@ -44,6 +45,17 @@ const EXIT_USAGE = 2;
 const EXIT_ENVIRONMENT = 3;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
+/**
+ * The data directory of a command other than serve: --dir, else the --config file's `dir`, else
+ * the default. Taking it from the config means `status --config mirror.yaml` reaches the daemon
+ * that `serve --config mirror.yaml` started.
+ */
+async function dataDir(a: { dir?: string | undefined; config?: string | undefined }): Promise<{ dir: string; config?: Config | undefined }> {
+  if (a.config === undefined) return { dir: a.dir ?? defaultDataDir() };
+  const config = await loadConfig(a.config, a.dir === undefined ? {} : { dir: a.dir });
+  return { dir: config.dir, config };
+}
+
 async function main(argv: string[]): Promise<number> {
   let exitCode = 0;
   await yargs(argv)
@@ -51,13 +63,17 @@ async function main(argv: string[]): Promise<number> {
     .usage('$0 <command> [options]\n\nA LAN mirror of BuildStream remote artifact and source caches.')
     .version(VERSION)
     .option('dir', { type: 'string', defaultDescription: '$BST_CACHE_MIRROR_DIR or $XDG_DATA_HOME/bst-cache-mirror', describe: 'Data directory (blobs and the LevelDB index)' })
+    .option('config', {
+      type: 'string',
+      describe: "The daemon config file (YAML; see config/example.yaml). serve runs it; the other commands use its dir (unless --dir is given), and so reach its daemon",
+    })
     .option('log-level', { choices: LOG_LEVELS, describe: 'Log level for the JSON log on stderr (default: info for serve, warn otherwise)' })
     .command(
       'sync',
       'Mirror names and their whole closures from upstream caches into the local store (through the daemon when one runs)',
       (y) =>
         y
-          .option('upstream', { type: 'string', array: true, describe: `${UPSTREAM_OPTION_HELP}. Required unless a daemon runs on --dir (then its upstreams are used)` })
+          .option('upstream', { type: 'string', array: true, describe: `${UPSTREAM_OPTION_HELP}. Required unless a daemon runs on --dir (then its upstreams are used) or --config names upstreams` })
           .option('ref', {
             type: 'string',
             array: true,
@@ -93,9 +109,11 @@ async function main(argv: string[]): Promise<number> {
           }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
+        const { dir, config } = await dataDir(a);
         exitCode = await runSync(
           {
-            dir: a.dir ?? defaultDataDir(),
+            dir,
+            configUpstreams: config?.upstreams.map((u) => u.spec) ?? [],
             upstreams: (a.upstream ?? []).map((value) => ({
               ...parseUpstreamOption(value, {
                 instanceName: a['instance-name'],
@@ -122,7 +140,6 @@ async function main(argv: string[]): Promise<number> {
       'Run the mirror: serve it pull-only to BuildStream 1.6 and 2.x, and (with --config) keep it fresh from its upstreams',
       (y) =>
         y
-          .option('config', { type: 'string', describe: 'The daemon config file (YAML; see config/example.yaml); flags given here override it' })
           .option('listen', { type: 'string', array: true, defaultDescription: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port); repeat for several' })
           .option('max-batch-bytes', { type: 'number', defaultDescription: String(DEFAULT_MAX_BATCH_BYTES), describe: 'BatchReadBlobs limit to advertise and enforce' })
           .option('recheck-hours', { type: 'number', defaultDescription: String(DEFAULT_RECHECK_AFTER_MS / 3_600_000), describe: 'Rehash a blob served whole if this process has not hashed it for this long (0: on every read)' })
@@ -223,7 +240,7 @@ async function main(argv: string[]): Promise<number> {
           }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
-        const dir = a.dir ?? defaultDataDir();
+        const { dir } = await dataDir(a);
         const r = await withStoreOrDaemon(
           dir,
           log,
@@ -254,18 +271,18 @@ async function main(argv: string[]): Promise<number> {
     )
     .command(
       'push',
-      'Import names from a BuildStream local cache and replicate them (or failed push jobs) to the upstreams with push: true',
+      "Import names from a BuildStream local cache and replicate them (or failed push jobs) to the upstreams with push: true: through the daemon, or with --config when none runs, here and now",
       (y) =>
         y
           .option('from', { type: 'string', describe: 'A BuildStream local cache directory (1.6 or 2.x layout) to import names from' })
           .option('ref', { type: 'string', array: true, default: [], describe: 'Only these names of --from (URNs, or 1.x refs PROJECT/ELEMENT/KEY)' })
           .option('retry-failed', { type: 'boolean', default: false, describe: 'Queue the push jobs that failed again' })
-          .option('config', { type: 'string', describe: "Without a running daemon: push now, to this config's push: true upstreams" })
+          .option('drop-failed', { type: 'boolean', default: false, describe: 'Give up the push jobs that failed (status lists them): their names stay in the mirror, unreplicated' })
           .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON' }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
         exitCode = await runPush(
-          { dir: a.dir ?? defaultDataDir(), from: a.from === undefined ? undefined : resolve(a.from), refs: a.ref, retryFailed: a['retry-failed'], config: a.config, json: a.json },
+          { ...(await dataDir(a)), configFile: a.config, from: a.from === undefined ? undefined : resolve(a.from), refs: a.ref, retryFailed: a['retry-failed'], dropFailed: a['drop-failed'], json: a.json },
           log,
         );
       },
@@ -276,7 +293,7 @@ async function main(argv: string[]): Promise<number> {
       (y) => y.option('json', { type: 'boolean', default: false, describe: 'Print the status as JSON' }),
       async (a) => {
         const log = createLogger((a['log-level'] ?? 'warn') as LogLevel);
-        const dir = a.dir ?? defaultDataDir();
+        const { dir } = await dataDir(a);
         const status = await withStoreOrDaemon(dir, log, (daemon) => daemon.status({ version: VERSION }), { create: false }, (store) => storedStatus(store, daemonTables(store)));
         process.stdout.write(a.json ? `${JSON.stringify(status, null, 2)}\n` : formatStatus(status, Date.now()));
       },

@@ -1,12 +1,11 @@
 import type { Logger } from 'pino';
 import { DiskContentStore } from '../cas/disk-store.js';
-import { loadConfig } from '../config/load.js';
+import type { Config } from '../config/config.js';
 import { ControlClient } from '../control/client.js';
-import type { PushReport } from '../control/protocol.js';
 import { daemonTables } from '../daemon/state.js';
 import { MirrorError } from '../errors.js';
-import { importAll } from '../push/local-cache.js';
 import { PushQueue, type PushQueueStats } from '../push/push-queue.js';
+import { type PushReport, runPushWork } from '../push/push-request.js';
 import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
 import { GrpcUpstream } from '../remote/upstream.js';
 import { VERSION } from '../version.js';
@@ -18,8 +17,11 @@ export interface PushCommandArgs {
   readonly from?: string | undefined;
   readonly refs: readonly string[];
   readonly retryFailed: boolean;
-  /** Without a daemon: the config whose `push: true` upstreams to push to. */
-  readonly config?: string | undefined;
+  readonly dropFailed: boolean;
+  /** Without a daemon: the config whose `push: true` upstreams to push to (`dir` is already its dir). */
+  readonly config?: Config | undefined;
+  /** The file `config` was read from, for messages. */
+  readonly configFile?: string | undefined;
   readonly json: boolean;
 }
 
@@ -30,23 +32,24 @@ export interface PushCommandArgs {
  * imported or a push job failed.
  */
 export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<number> {
-  if (args.from === undefined && !args.retryFailed) throw new MirrorError('CONFIG_INVALID', 'give --from CACHE_DIR (a BuildStream local cache) or --retry-failed');
+  if (args.from === undefined && !args.retryFailed && !args.dropFailed) throw new MirrorError('CONFIG_INVALID', 'give --from CACHE_DIR (a BuildStream local cache), --retry-failed or --drop-failed');
+  if (args.retryFailed && args.dropFailed) throw new MirrorError('CONFIG_INVALID', 'give --retry-failed or --drop-failed, not both');
   const daemon = await ControlClient.connect(args.dir);
   if (daemon) {
     try {
-      const report = await daemon.push({ version: VERSION, from: args.from, names: [...args.refs], retryFailed: args.retryFailed });
-      print(report, undefined, args.json, out);
+      const report = await daemon.push({ version: VERSION, from: args.from, names: [...args.refs], retryFailed: args.retryFailed, dropFailed: args.dropFailed });
+      print(report, undefined, args.from, args.json, out);
       return report.imported.every((r) => r.status === 'imported' || r.status === 'present') ? 0 : 1;
     } finally {
       daemon.close();
     }
   }
-  if (args.config === undefined) {
+  const config = args.config;
+  if (config === undefined) {
     throw new MirrorError('CONFIG_INVALID', `no daemon runs on ${args.dir}: start it (serve --config FILE) and push through it, or give --config FILE to push to that config's push: true upstreams now`);
   }
-  const config = await loadConfig(args.config, { dir: args.dir });
   const pushing = config.upstreams.filter((u) => u.push);
-  if (pushing.length === 0) throw new MirrorError('CONFIG_INVALID', `${args.config} has no upstream with push: true`);
+  if (pushing.length === 0) throw new MirrorError('CONFIG_INVALID', `${args.configFile ?? 'the config'} has no upstream with push: true`);
   const store = await DiskContentStore.open(config.dir, log);
   const tables = daemonTables(store);
   const targets = await Promise.all(
@@ -55,23 +58,11 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   const queue = new PushQueue({ store, table: tables.pushJobs, targets: () => targets.map((t) => ({ name: t.name, writer: t.upstream, health: t.upstream.health })), log });
   try {
     await queue.start();
-    const retried = args.retryFailed ? await queue.retryFailed() : 0;
-    let imported: PushReport['imported'] = [];
-    let queued = 0;
-    if (args.from !== undefined) {
-      const results = await importAll(args.from, store, log, args.refs.length > 0 ? args.refs : undefined);
-      imported = results.map((r) => ({ urn: r.urn, status: r.result.status, reason: 'reason' in r.result ? r.result.reason : undefined }));
-      for (const r of results) {
-        if (r.result.status === 'imported' || r.result.status === 'present') {
-          await queue.enqueue(r.urn);
-          queued += 1;
-        }
-      }
-    }
+    const report = await runPushWork({ from: args.from, names: args.refs, retryFailed: args.retryFailed, dropFailed: args.dropFailed }, store, queue, log);
     await queue.onIdle();
     const stats = await queue.stats();
-    print({ imported, queued, retried }, stats, args.json, out);
-    const importedAll = imported.every((r) => r.status === 'imported' || r.status === 'present');
+    print(report, stats, args.from, args.json, out);
+    const importedAll = report.imported.every((r) => r.status === 'imported' || r.status === 'present');
     return importedAll && stats.failed.length === 0 && stats.depth === 0 ? 0 : 1;
   } finally {
     await queue.stop();
@@ -80,7 +71,7 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   }
 }
 
-function print(report: PushReport, stats: PushQueueStats | undefined, json: boolean, out: NodeJS.WritableStream): void {
+function print(report: PushReport, stats: PushQueueStats | undefined, from: string | undefined, json: boolean, out: NodeJS.WritableStream): void {
   if (json) {
     out.write(`${JSON.stringify({ ...report, ...(stats && { jobs: stats }) }, null, 2)}\n`);
     return;
@@ -90,9 +81,12 @@ function print(report: PushReport, stats: PushQueueStats | undefined, json: bool
     out.write(`imported ${count('imported')}, already in the mirror ${count('present')}, incomplete ${count('incomplete')}, failed ${count('failed')} (of ${report.imported.length} names)\n`);
   }
   for (const r of report.imported) if (r.status === 'incomplete' || r.status === 'failed') out.write(`${r.status}: ${r.urn}: ${r.reason ?? ''}\n`);
+  if (from !== undefined && report.imported.length === 0) out.write(`no names in ${from}: the cache holds no artifact or source refs\n`);
+  if (report.dropped > 0) out.write(`gave up ${report.dropped} failed push jobs\n`);
   if (report.retried > 0) out.write(`re-queued ${report.retried} failed push jobs\n`);
   if (stats === undefined) {
-    out.write(`queued ${report.queued} names for the upstreams with push: true; the daemon pushes them (see status)\n`);
+    if (report.queued > 0) out.write(`queued ${report.queued} names for the upstreams with push: true\n`);
+    if (report.queued > 0 || report.retried > 0) out.write('the daemon pushes them: see status\n');
     return;
   }
   out.write(`pushed: ${stats.failed.length === 0 && stats.depth === 0 ? 'every job done' : `${stats.failed.length} jobs failed, ${stats.depth} still pending`}\n`);

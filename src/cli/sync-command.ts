@@ -16,6 +16,8 @@ import { formatDuration } from './status-format.js';
 export interface SyncCommandArgs {
   readonly dir: string;
   readonly upstreams: readonly UpstreamSpec[];
+  /** The --config file's upstreams: used when no --upstream is given and no daemon runs. */
+  readonly configUpstreams: readonly UpstreamSpec[];
   readonly refs: readonly string[];
   readonly refsFiles: readonly string[];
   readonly projects: readonly ProjectSpec[];
@@ -45,7 +47,7 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
     }
   });
   if (invalid.length > 0) throw new MirrorError('CONFIG_INVALID', `invalid name${invalid.length > 1 ? 's' : ''}:\n  ${invalid.join('\n  ')}`);
-  if (args.upstreams.length === 0 && !(await ControlClient.connect(args.dir).then((c) => (c?.close(), c !== undefined)))) {
+  if (args.upstreams.length === 0 && args.configUpstreams.length === 0 && !(await ControlClient.connect(args.dir).then((c) => (c?.close(), c !== undefined)))) {
     throw new MirrorError('CONFIG_INVALID', `give --upstream URL: no daemon runs on ${args.dir} to take its upstreams from`);
   }
   const progress = new ProgressDisplay(process.stderr.isTTY && !args.json);
@@ -81,7 +83,8 @@ export async function runSync(args: SyncCommandArgs, log: Logger, out: NodeJS.Wr
 
 /** Without a daemon: this process opens the store and is its writer for the run. */
 async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onProgress: (p: SyncProgress) => void, store: DiskContentStore): Promise<{ report: SyncReport; notes: string[] }> {
-  if (args.upstreams.length === 0) {
+  const specs = args.upstreams.length > 0 ? args.upstreams : args.configUpstreams;
+  if (specs.length === 0) {
     throw new MirrorError('CONFIG_INVALID', `give --upstream URL: no daemon runs on ${args.dir} to take its upstreams from`);
   }
   const notes: string[] = [];
@@ -93,7 +96,7 @@ async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onP
   if (names.length === 0) {
     throw new MirrorError('CONFIG_INVALID', 'no names to sync: give --ref NAME, --refs-file FILE or --project DIR --target ELEMENT.bst');
   }
-  const upstreams = await Promise.all(args.upstreams.map((spec) => GrpcUpstream.create(spec)));
+  const upstreams = await Promise.all(specs.map((spec) => GrpcUpstream.create(spec)));
   try {
     const report = await syncNames({ store, upstreams, names, withBuildtrees: args.withBuildtrees, concurrency: args.concurrency, log, onProgress });
     return { report, notes };

@@ -3,6 +3,7 @@ import type * as grpc from '@grpc/grpc-js';
 import { z } from 'zod';
 import type { VerifyReport } from '../cas/verify.js';
 import type { PushQueueStats } from '../push/push-queue.js';
+import type { PushReport } from '../push/push-request.js';
 import type { HealthRecord } from '../remote/health.js';
 import type { NameStatus, Outage, SyncProgress, SyncReport } from '../sync/sync-job.js';
 
@@ -154,13 +155,8 @@ export const pushRequestSchema = z
     from: z.string().optional(),
     names: z.array(z.string()).max(100_000).default([]),
     retryFailed: z.boolean().default(false),
+    dropFailed: z.boolean().default(false),
   })
   .strict();
 export type PushRequest = z.input<typeof pushRequestSchema>;
-
-/** What a push request did: per imported name its outcome, and how many jobs were queued or re-queued. */
-export interface PushReport {
-  readonly imported: readonly { readonly urn: string; readonly status: string; readonly reason?: string | undefined }[];
-  readonly queued: number;
-  readonly retried: number;
-}
+export type { PushReport };

@@ -12,8 +12,9 @@ import { MirrorError, errorMessage } from '../errors.js';
 import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
 import { GrpcUpstream, type Upstream, type UpstreamSpec } from '../remote/upstream.js';
 import { MirrorServer, type ServerTls } from '../server/server.js';
-import { readConfigFile, readPem } from '../pem.js';
+import { certificateValidityProblems, checkKeyPair, readConfigFile, readPem } from '../pem.js';
 import { PushQueue, type PushRetryPolicy, type PushTarget } from '../push/push-queue.js';
+import { runPushWork } from '../push/push-request.js';
 import { type LocalCacheWatch, importAll, importLocalName, watchLocalCache } from '../push/local-cache.js';
 import type { PushSink } from '../server/push-intake.js';
 import { SendBudget } from '../server/send-budget.js';
@@ -215,7 +216,7 @@ export class Daemon {
           // All listeners share one memory budget.
           sendBudget: budget,
           missHandler: this.pullThrough,
-          tls: await readListenerTls(listener),
+          tls: await readListenerTls(listener, this.log),
           push: listener.push ? { sink, accessToken: await readAccessToken(listener) } : undefined,
         }),
       );
@@ -447,22 +448,9 @@ export class Daemon {
     };
   }
 
-  /** `push` from the CLI: re-queue failed jobs, and/or import names from a local cache and queue them. */
-  private async cliPush(request: ParsedPushRequest): Promise<PushReport> {
-    const retried = request.retryFailed ? await this.pushQueue.retryFailed() : 0;
-    let imported: PushReport['imported'] = [];
-    let queued = 0;
-    if (request.from !== undefined) {
-      const results = await importAll(request.from, this.store, this.log, request.names.length > 0 ? request.names : undefined);
-      imported = results.map((r) => ({ urn: r.urn, status: r.result.status, reason: 'reason' in r.result ? r.result.reason : undefined }));
-      for (const r of results) {
-        if (r.result.status === 'imported' || r.result.status === 'present') {
-          await this.pushQueue.enqueue(r.urn);
-          queued += 1;
-        }
-      }
-    }
-    return { imported, queued, retried };
+  /** `push` from the CLI: give up or re-queue failed jobs, and/or import names from a local cache and queue them. */
+  private cliPush(request: ParsedPushRequest): Promise<PushReport> {
+    return runPushWork(request, this.store, this.pushQueue, this.log);
   }
 
   /** `sync` from the CLI: names (or projects) given once, or a run of the configured selection. */
@@ -542,14 +530,17 @@ async function readAccessToken(listener: ListenerConfig): Promise<string | undef
   return token;
 }
 
-async function readListenerTls(listener: ListenerConfig): Promise<ServerTls | undefined> {
+/** A listener's certificate, key and client certificates, each checked; expired certificates are a warning (clients will refuse them). */
+async function readListenerTls(listener: ListenerConfig, log: Logger): Promise<ServerTls | undefined> {
   const { tls } = listener;
   if (!tls) return undefined;
-  return {
-    cert: await readPem(tls.certFile, 'server certificate'),
-    key: await readPem(tls.keyFile, 'server key'),
-    clientCerts: tls.clientCertsFile === undefined ? undefined : await readPem(tls.clientCertsFile, 'client certificates'),
-  };
+  const cert = await readPem(tls.certFile, 'server certificate');
+  const key = await readPem(tls.keyFile, 'server key');
+  checkKeyPair(tls.certFile, cert, tls.keyFile, key);
+  const clientCerts = tls.clientCertsFile === undefined ? undefined : await readPem(tls.clientCertsFile, 'client certificates');
+  const problems = [...certificateValidityProblems(tls.certFile, cert), ...(clientCerts && tls.clientCertsFile ? certificateValidityProblems(tls.clientCertsFile, clientCerts) : [])];
+  for (const problem of problems) log.warn({ listener: listener.address }, `${problem}: TLS handshakes with it will fail`);
+  return { cert, key, clientCerts };
 }
 
 /** A local-cache name whose objects are incomplete is tried this many times, this far apart (a minute in all). */

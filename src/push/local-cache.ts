@@ -239,9 +239,9 @@ function parseRef(name: MirrorName, bytes: Buffer, path: string): Parsed {
 async function importName(cache: LocalCache, name: MirrorName, store: ContentStore, log: Logger): Promise<ImportResult> {
   try {
     const where = await cache.locate(name);
-    if ('missing' in where) return { status: 'failed', reason: `'${name.urn}' is not in the local cache (no ${where.missing.join(' or ')})` };
+    if ('missing' in where) return { status: 'failed', reason: `not in the local cache (no ${where.missing.join(' or ')})` };
     const bytes = await cache.readRef(where.path);
-    if (bytes === undefined) return { status: 'failed', reason: `'${name.urn}' is no longer in the local cache (${where.path} was removed)` };
+    if (bytes === undefined) return { status: 'failed', reason: `no longer in the local cache (${where.path} was removed)` };
     const parsed = parseRef(name, bytes, where.path);
     const copier = new Copier(where.objects, store);
     if (parsed.blob !== undefined) await copier.putBytes(parsed.digest, parsed.blob);
@@ -278,11 +278,11 @@ async function importName(cache: LocalCache, name: MirrorName, store: ContentSto
   } catch (err) {
     if (err instanceof NotYetInCache) {
       log.debug({ urn: name.urn, cache: cache.dir, reason: err.message }, 'local cache name incomplete: not recorded');
-      return { status: 'incomplete', reason: `'${name.urn}' not recorded: ${err.message}` };
+      return { status: 'incomplete', reason: `not recorded yet: ${err.message}` };
     }
     const reason = isMirrorError(err, 'DIGEST_MISMATCH') ? `the local cache's copy is corrupt: ${errorMessage(err)}` : describeError(err);
     log.warn({ urn: name.urn, cache: cache.dir, reason }, 'import from local cache failed');
-    return { status: 'failed', reason: `'${name.urn}': ${reason}` };
+    return { status: 'failed', reason };
   }
 }
 

@@ -32,7 +32,7 @@ export type PushOutcome =
   | { readonly status: 'pushed'; readonly blobs: number; readonly bytes: number }
   /** The upstream already has the name with the same digest: nothing was sent. */
   | { readonly status: 'present' }
-  /** Nothing to do: the name left the mirror, or the upstream cannot hold its kind. */
+  /** Nothing to do: the upstream cannot hold the name's kind (a 2.x name for a 1.x server). */
   | { readonly status: 'dropped'; readonly reason: string };
 
 /**
@@ -47,7 +47,10 @@ export type PushOutcome =
 export async function pushName(options: PushNameOptions): Promise<PushOutcome> {
   const { store, writer, urn, log, signal } = options;
   const record = await store.getName(urn);
-  if (record === undefined) return { status: 'dropped', reason: 'the name is no longer in the mirror' };
+  if (record === undefined) {
+    // Acknowledged once, so its loss must show: the job fails (verify --repair removes names whose blobs went bad).
+    throw new MirrorError('NAME_NOT_FOUND', 'the name is no longer in the mirror (verify --repair removes names whose blobs went bad): push it to the mirror again');
+  }
   const name = parseUrn(urn);
   const { dialect, maxBatchBytes } = await writer.connect();
   if (!dialectHolds(dialect, name.kind)) {

@@ -3,7 +3,7 @@ import pRetry from 'p-retry';
 import type { Logger } from 'pino';
 import type { ContentStore } from '../cas/content-store.js';
 import type { StateTable } from '../cas/state-table.js';
-import { describeError } from '../errors.js';
+import { MirrorError, describeError } from '../errors.js';
 import { type UpstreamHealth, isOfflineRefusal } from '../remote/health.js';
 import { isRetryable } from '../remote/retryable.js';
 import type { UpstreamWriter } from '../remote/upstream.js';
@@ -249,6 +249,17 @@ export class PushQueue {
     });
   }
 
+  /** Forgets every failed job (the operator gives those names up for their upstreams); returns how many. */
+  dropFailed(): Promise<number> {
+    return this.serial(async () => {
+      const dels: { type: 'del'; key: string }[] = [];
+      for await (const [key, record] of this.table.entries()) if (record.state === 'failed' && !this.jobs.has(key)) dels.push({ type: 'del', key });
+      await this.table.batch(dels);
+      if (dels.length > 0) this.log.warn({ jobs: dels.length }, 'failed push jobs given up');
+      return dels.length;
+    });
+  }
+
   private serial<T>(fn: () => Promise<T>): Promise<T> {
     const run = this.tail.then(fn, fn);
     this.tail = run.catch(() => undefined);
@@ -318,7 +329,13 @@ export class PushQueue {
       const outcome = await pRetry(
         async (): Promise<PushOutcome> => {
           target = this.options.targets().find((t) => t.name === upstream);
-          if (target === undefined) return { status: 'dropped', reason: 'the upstream is no longer a push target' };
+          if (target === undefined) {
+            // Failed, not dropped: the name was acknowledged to a client, so losing it must show (status, --retry-failed).
+            throw new MirrorError(
+              'CONFIG_INVALID',
+              `'${upstream}' is no longer an upstream with push: true in the config (renamed, removed or set to push: false); restore it and run push --retry-failed, or push --drop-failed to give these jobs up`,
+            );
+          }
           // An upstream known to be offline: wait for its probe time; no call, no attempt spent.
           await target.health?.whenAdmissible(signal);
           const at = this.now();

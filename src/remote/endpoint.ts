@@ -8,7 +8,7 @@ import {
 import { ReferenceStorageClient } from '../gen/buildstream/v2/buildstream.js';
 import { ByteStreamClient } from '../gen/google/bytestream/bytestream.js';
 import { MirrorError, errorMessage } from '../errors.js';
-import { checkPem, readOptional } from '../pem.js';
+import { checkKeyPair, checkPem, readOptional } from '../pem.js';
 
 /** How to reach one gRPC server: its URL, instance name, TLS and token settings. */
 export interface EndpointSpec {
@@ -102,6 +102,7 @@ export class Endpoint {
       if ((cert === undefined) !== (key === undefined)) {
         throw new MirrorError('CONFIG_INVALID', `upstream ${spec.url}: a client certificate and a client key must be given together`);
       }
+      if (cert !== undefined && key !== undefined) checkKeyPair(spec.clientCertFile ?? '', cert, spec.clientKeyFile ?? '', key);
       credentials = grpc.credentials.createSsl(ca ?? null, key ?? null, cert ?? null);
     } else {
       if (spec.serverCertFile || spec.clientCertFile || spec.clientKeyFile) {

@@ -6,10 +6,12 @@ import * as grpc from '@grpc/grpc-js';
  * BuildStream 2 sends its `access-token`. Compared in constant time.
  */
 export function requireBearerToken(token: string): grpc.ServerInterceptor {
-  const expected = Buffer.from(`Bearer ${token}`);
+  const expected = Buffer.from(token);
   const allowed = (metadata: grpc.Metadata): boolean => {
     const value = metadata.get('authorization')[0];
-    const given = Buffer.from(typeof value === 'string' ? value : '');
+    // The scheme name is case-insensitive (RFC 9110 §11.1); the token is compared exactly.
+    const match = typeof value === 'string' ? /^bearer +(.*)$/i.exec(value) : null;
+    const given = Buffer.from(match?.[1] ?? '');
     return given.length === expected.length && timingSafeEqual(given, expected);
   };
   return (_method, call) =>
