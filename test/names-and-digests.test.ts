@@ -7,6 +7,10 @@ import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/c
 import { parseRefsText } from '../src/sync/refs-file.js';
 import { parseUpstreamUrl } from '../src/remote/upstream.js';
 import { splitListen } from '../src/server/server.js';
+import { artifactRoots, parseDirectory, sourceRoots } from '../src/cas/closure.js';
+import { Artifact } from '../src/gen/buildstream/v2/artifact.js';
+import { Source } from '../src/gen/buildstream/v2/source.js';
+import { Directory } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 
 const H = 'a'.repeat(64);
 
@@ -122,4 +126,42 @@ test('upstream URLs and listen addresses', () => {
   assert.deepEqual(splitListen(':11001'), { host: '0.0.0.0', port: 11001 });
   assert.throws(() => splitListen('localhost'), /HOST:PORT/);
   assert.throws(() => splitListen('h:99999'), /HOST:PORT/);
+});
+
+test('Directory, Artifact and Source blobs are told apart by their wire types, not taken for one another', () => {
+  const file = { hash: 'a'.repeat(64), sizeBytes: 3n };
+  const sub = { hash: 'b'.repeat(64), sizeBytes: 10n };
+  const blobs = {
+    directory: Buffer.from(Directory.encode({ files: [{ name: 'f', digest: file, isExecutable: true }], directories: [], symlinks: [] }).finish()),
+    subdirectoriesOnly: Buffer.from(Directory.encode({ files: [], directories: [{ name: 'd', digest: sub }], symlinks: [] }).finish()),
+    artifact: Buffer.from(Artifact.encode(Artifact.fromPartial({ version: 1, strongKey: 'k'.repeat(64), files: sub })).finish()),
+    // BuildStream sets version on every artifact; a failed build leaves build_success unset.
+    failedArtifact: Buffer.from(Artifact.encode(Artifact.fromPartial({ version: 1, buildSuccess: false, strongKey: 'c'.repeat(64), weakKey: 'd'.repeat(64), files: sub })).finish()),
+    source: Buffer.from(Source.encode({ version: 1, files: sub }).finish()),
+    text: Buffer.from('int main() { return 0; }\n'),
+  };
+  const kinds = {
+    directory: (b: Buffer) => parseDirectory(b, digestOf(b)),
+    artifact: (b: Buffer) => artifactRoots(b, digestOf(b), false),
+    source: (b: Buffer) => sourceRoots(b, digestOf(b)),
+  };
+  const accepted = (kind: keyof typeof kinds, blob: Buffer): boolean => {
+    try {
+      kinds[kind](blob);
+      return true;
+    } catch (err) {
+      assert.ok(isMirrorError(err, 'INVALID_ARGUMENT'), String(err));
+      return false;
+    }
+  };
+  const table = Object.fromEntries(Object.entries(blobs).map(([name, blob]) => [name, (Object.keys(kinds) as (keyof typeof kinds)[]).filter((k) => accepted(k, blob))]));
+  assert.deepEqual(table, {
+    directory: ['directory'],
+    subdirectoriesOnly: ['directory'],
+    artifact: ['artifact'],
+    failedArtifact: ['artifact'],
+    source: ['source'],
+    text: [],
+  });
+  assert.deepEqual(parseDirectory(Buffer.alloc(0), digestOf(Buffer.alloc(0))), { files: [], directories: [] }, 'the empty Directory');
 });

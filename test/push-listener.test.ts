@@ -123,6 +123,16 @@ test('push listener: blobs by batch and by stream, then PushBlob of an artifact 
   // And it is served from there at once.
   const fetched = await call(c.fetch, c.fetch.fetchBlob, { instanceName: '', uris: [urn], qualifiers: [], digestFunction: 0, timeout: undefined, oldestContentAccepted: undefined });
   assert.equal(fetched.blobDigest?.hash, digestOf(artifact).hash);
+
+  // A name pointing at another kind of message is refused, though a protobuf decoder alone would
+  // take it (skipping every field of the wrong wire type).
+  const other = `${URN_PREFIX}artifact:proj/other/${'c'.repeat(64)}`;
+  const asArtifact = { instanceName: '', uris: [other], qualifiers: [], blobDigest: toWire(digestOf(files)), referencesBlobs: [], referencesDirectories: [], digestFunction: 0 };
+  await assert.rejects(call(c.push, c.push.pushBlob, asArtifact), (err: grpc.ServiceError) => err.code === grpc.status.INVALID_ARGUMENT && /is not a BuildStream Artifact/.test(err.details));
+  const asSource = { ...asArtifact, uris: [`${URN_PREFIX}source:${'c'.repeat(64)}`], blobDigest: toWire(digestOf(artifact)) };
+  await assert.rejects(call(c.push, c.push.pushBlob, asSource), (err: grpc.ServiceError) => err.code === grpc.status.INVALID_ARGUMENT && /is not a BuildStream Source/.test(err.details));
+  await assert.rejects(call(c.refs, c.refs.updateReference, { instanceName: '', keys: [`proj/other/${'c'.repeat(64)}`], digest: toWire(digestOf(artifact)) }), (err: grpc.ServiceError) => err.code === grpc.status.INVALID_ARGUMENT && /is not a Directory/.test(err.details));
+  assert.deepEqual(pushed, [urn]);
 });
 
 test('push listener: a corrupt upload is refused and nothing stored; UpdateReference records a 1.x ref; Status allows updates', async (t) => {

@@ -5,6 +5,7 @@ import { MirrorError, errorMessage } from '../errors.js';
 import type { NameRecord } from './content-store.js';
 import { parseUrn } from './names.js';
 import { type Digest, type WireDigest, digestKey, fromWire, isEmptyDigest } from './digest.js';
+import { ARTIFACT_SHAPE, DIRECTORY_SHAPE, type MessageShape, SOURCE_SHAPE, shapeMismatch } from './message-shape.js';
 
 /** What a name needs besides its own digest: whole Directory trees and single blobs. */
 export interface Roots {
@@ -32,13 +33,28 @@ export function checkMessageSize(digest: Digest, what: 'Directory' | 'BuildStrea
   }
 }
 
-export function parseDirectory(data: Uint8Array, digest: Digest): DirectoryChildren {
-  let dir: Directory;
+/**
+ * Decodes `data` as the message `shape` describes, refusing (INVALID_ARGUMENT) bytes that are not
+ * one: undecodable, or another kind of message (which a decoder alone would accept, skipping
+ * every field of the wrong wire type: an Artifact reads as an empty Directory).
+ */
+function decodeAs<M>(data: Uint8Array, digest: Digest, shape: MessageShape, decode: (data: Uint8Array) => M): M {
   try {
-    dir = Directory.decode(data);
+    const mismatch = shapeMismatch(data, shape);
+    if (mismatch !== undefined) throw new Error(mismatch);
+    return decode(data);
   } catch (err) {
-    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a Directory: ${errorMessage(err)}`, { cause: err });
+    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a ${shape.name}: ${errorMessage(err)}`, { cause: err });
   }
+}
+
+/** Decodes a Directory blob; INVALID_ARGUMENT if it is not one. */
+export function decodeDirectory(data: Uint8Array, digest: Digest): Directory {
+  return decodeAs(data, digest, DIRECTORY_SHAPE, (d) => Directory.decode(d));
+}
+
+export function parseDirectory(data: Uint8Array, digest: Digest): DirectoryChildren {
+  const dir = decodeDirectory(data, digest);
   const where = `Directory ${digestKey(digest)}`;
   return {
     files: dir.files.map((f) => fromWire(f.digest, `${where} file '${f.name}'`)),
@@ -59,12 +75,7 @@ function optional(d: WireDigest | undefined, what: string): Digest | undefined {
  * sandbox subtrees, which BuildStream only needs for `pull-buildtrees`.
  */
 export function artifactRoots(data: Uint8Array, digest: Digest, withBuildtrees: boolean): Roots {
-  let artifact: Artifact;
-  try {
-    artifact = Artifact.decode(data);
-  } catch (err) {
-    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a BuildStream Artifact: ${errorMessage(err)}`, { cause: err });
-  }
+  const artifact = decodeAs(data, digest, ARTIFACT_SHAPE, (d) => Artifact.decode(d));
   const where = `Artifact ${digestKey(digest)}`;
   const directories = [optional(artifact.files, `${where} files`)];
   const blobs = [
@@ -86,12 +97,7 @@ export function artifactRoots(data: Uint8Array, digest: Digest, withBuildtrees: 
 
 /** The closure of a BuildStream 2.x Source proto: its `files` tree. */
 export function sourceRoots(data: Uint8Array, digest: Digest): Roots {
-  let source: Source;
-  try {
-    source = Source.decode(data);
-  } catch (err) {
-    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a BuildStream Source: ${errorMessage(err)}`, { cause: err });
-  }
+  const source = decodeAs(data, digest, SOURCE_SHAPE, (d) => Source.decode(d));
   return { directories: present([optional(source.files, `Source ${digestKey(digest)} files`)]), blobs: [] };
 }
 

@@ -5,11 +5,10 @@ import {
   ContentAddressableStorageService,
   type ContentAddressableStorageServer,
   type Directory,
-  Directory as DirectoryMessage,
 } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { ContentStore } from '../cas/content-store.js';
 import { type Digest, digestKey, fromWire, groupBySize, toWire } from '../cas/digest.js';
-import { checkMessageSize } from '../cas/closure.js';
+import { checkMessageSize, decodeDirectory } from '../cas/closure.js';
 import { MirrorError } from '../errors.js';
 import { type BatchReadEntry, NO_DATA, encodeBatchReadBlobsResponse } from './batch-read-response.js';
 import { type EncodedMessage, acceptingEncoded } from './encoded-message.js';
@@ -160,10 +159,3 @@ export class CasService {
   }
 }
 
-function decodeDirectory(data: Buffer, digest: Digest): Directory {
-  try {
-    return DirectoryMessage.decode(data);
-  } catch (err) {
-    throw new MirrorError('INVALID_ARGUMENT', `blob ${digestKey(digest)} is not a Directory: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
-  }
-}

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { ContentStore, NameRecord } from '../cas/content-store.js';
-import { artifactRoots, closureProblem, sourceRoots } from '../cas/closure.js';
+import { artifactRoots, checkMessageSize, closureProblem, decodeDirectory, sourceRoots } from '../cas/closure.js';
 import { type Digest, digestKey, fromWire, isEmptyDigest, parseResourceName, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName } from '../cas/names.js';
 import { MirrorError } from '../errors.js';
@@ -114,6 +114,11 @@ export class PushIntake {
         // What the name needs is what its proto says, whatever references the client listed.
         const own = name.kind === 'artifact' ? artifactRoots(data, digest, true) : sourceRoots(data, digest);
         roots = { blobs: [...own.blobs], directories: [...own.directories] };
+      } else {
+        // A root that is not a Directory is the client's mistake (INVALID_ARGUMENT), not a closure still uploading.
+        checkMessageSize(digest, 'Directory');
+        const data = await this.store.readBytes(digest);
+        if (data !== undefined) decodeDirectory(data, digest);
       }
       const record: NameRecord = { type, digest, referencedBlobs: roots.blobs, referencedDirectories: roots.directories, upstream: `push from ${peer}`, fetchedAt: Date.now() };
       const read = (d: Digest) => this.store.readBytes(d).catch(() => undefined);
