@@ -56,6 +56,8 @@ export async function pushName(options: PushNameOptions): Promise<PushOutcome> {
   if (!dialectHolds(dialect, name.kind)) {
     return { status: 'dropped', reason: `${writer.name} speaks ReferenceStorage (BuildStream 1.x), which holds 1.x refs only` };
   }
+  // A pull-only upstream refuses here, before any of the closure is uploaded.
+  await writer.checkPushAllowed();
   const there = await writer.resolve(name);
   if (there !== undefined && digestKey(there) === digestKey(record.digest)) return { status: 'present' };
   signal?.throwIfAborted();

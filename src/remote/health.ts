@@ -286,6 +286,19 @@ export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
     return this.guarded(() => writer.setName(name, record));
   }
 
+  async checkPushAllowed(): Promise<void> {
+    const writer = this.writer();
+    // As connect(): answered from memory once allowed, so its success is no sign of contact
+    // (counting it would mark a dead upstream online at every probe, and spend retries).
+    this.health.checkAdmissible();
+    try {
+      return await writer.checkPushAllowed();
+    } catch (err) {
+      this.health.failed(err);
+      throw err;
+    }
+  }
+
   private writer(): UpstreamWriter {
     if (!isUpstreamWriter(this.inner)) throw new TypeError(`upstream ${this.name} has no write side`);
     return this.inner;

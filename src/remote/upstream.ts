@@ -98,6 +98,14 @@ export interface UpstreamWriter {
    * `uris: [urn]` and the record's referenced blobs and directories.
    */
   setName(name: MirrorName, record: NameRecord): Promise<void>;
+  /**
+   * Asks, as BuildStream does when it sets up a push remote, whether the upstream takes pushes at
+   * all, so a pull-only one fails a job before its closure is uploaded: ReferenceStorage.Status
+   * (`allow_updates`) for 1.x, an empty PushBlob for Remote Asset (INVALID_ARGUMENT: push is
+   * there; UNIMPLEMENTED or PERMISSION_DENIED: it is not). A refusal is final (PERMISSION_DENIED
+   * in its cause); only success is remembered.
+   */
+  checkPushAllowed(): Promise<void>;
 }
 
 /** Whether `value` has the write side (HealthCheckedUpstream wraps either kind). */
@@ -146,6 +154,8 @@ const DEFAULT_MAX_BATCH_BYTES = 1 << 20;
 export class GrpcUpstream implements Upstream, UpstreamWriter {
   readonly name: string;
   private info: Promise<UpstreamInfo> | undefined;
+  /** The upstream answered that it takes pushes (checkPushAllowed); a refusal is asked again next time. */
+  private pushAllowed = false;
 
   private constructor(
     /** Where names are resolved. */
@@ -446,6 +456,34 @@ export class GrpcUpstream implements Upstream, UpstreamWriter {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  async checkPushAllowed(): Promise<void> {
+    if (this.pushAllowed) return;
+    const { dialect } = await this.connect();
+    const { index } = this;
+    if (dialect === 'reference-storage') {
+      let allowUpdates: boolean;
+      try {
+        ({ allowUpdates } = await index.call(index.refs.status, index.refs, { instanceName: index.instanceName }));
+      } catch (err) {
+        // A server without Status says nothing either way: the first write will tell.
+        if (grpcCode(err) !== grpc.status.UNIMPLEMENTED) throw index.wrap(err, 'ReferenceStorage.Status');
+        allowUpdates = true;
+      }
+      if (!allowUpdates) {
+        // Final, as the PERMISSION_DENIED its UpdateReference would answer (isRetryable reads the cause's code).
+        const refusal = Object.assign(new Error('ReferenceStorage.Status: allow_updates is false'), { code: grpc.status.PERMISSION_DENIED, details: 'allow_updates is false' });
+        throw new MirrorError('UPSTREAM_ERROR', `${index.url}: pushes refused (PERMISSION_DENIED: ReferenceStorage.Status: allow_updates is false; bst-artifact-server takes pushes with --enable-push)`, { cause: refusal });
+      }
+    } else {
+      try {
+        await index.call(index.push.pushBlob, index.push, { instanceName: index.instanceName, uris: [], qualifiers: [], referencesBlobs: [], referencesDirectories: [], digestFunction: 0 });
+      } catch (err) {
+        if (grpcCode(err) !== grpc.status.INVALID_ARGUMENT) throw index.wrap(err, 'PushBlob probe (does it take pushes?)');
+      }
+    }
+    this.pushAllowed = true;
   }
 
   async setName(name: MirrorName, record: NameRecord): Promise<void> {

@@ -404,7 +404,12 @@ export class FakeUpstream {
           }
           cb(null, {});
         },
-        status: (_call, cb) => cb(null, { allowUpdates: this.acceptWrites }),
+        status: (call, cb) => {
+          const stop = this.enter('Status', call.request.instanceName);
+          if (stop === 'killed') return;
+          if (stop) return cb(stop);
+          cb(null, { allowUpdates: this.acceptWrites });
+        },
       };
       server.addService(ReferenceStorageService, refs);
     }
