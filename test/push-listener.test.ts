@@ -143,6 +143,11 @@ test('push listener: a corrupt upload is refused and nothing stored; UpdateRefer
   const liar = { digest: toWire(digestOf(Buffer.from('something else\n'))), data: good, compressor: 0 };
   const res = await call(c.cas, c.cas.batchUpdateBlobs, { instanceName: '', requests: [liar], digestFunction: 0 });
   assert.equal(res.responses[0]?.status?.code, grpc.status.INVALID_ARGUMENT);
+  // A compressor the mirror never advertised: refused, not stored as if it were plain data.
+  const zstd = await call(c.cas, c.cas.batchUpdateBlobs, { instanceName: '', requests: [{ digest: toWire(digestOf(good)), data: good, compressor: 1 }], digestFunction: 0 });
+  assert.equal(zstd.responses[0]?.status?.code, grpc.status.INVALID_ARGUMENT);
+  assert.match(zstd.responses[0]?.status?.message ?? '', /compressor ZSTD is not supported/);
+  assert.equal((await store.findMissing([digestOf(good)])).length, 1);
   assert.deepEqual(await store.findMissing([digestOf(Buffer.from('something else\n'))]), [digestOf(Buffer.from('something else\n'))]);
   // A streamed upload whose bytes are not its digest's: refused, nothing kept.
   const big = randomBytes(2 << 20);

@@ -20,7 +20,7 @@ test('pull-only: every write is PERMISSION_DENIED and the store is untouched', a
   const { clients: c } = await startMirror(t, dir);
   const data = Buffer.from('pushed');
   const d = toWire(digestOf(data));
-  await assert.rejects(call(c.cas, c.cas.batchUpdateBlobs, { instanceName: '', requests: [{ digest: d, data }], digestFunction: 0 }), code(grpc.status.PERMISSION_DENIED, /pull-only/));
+  await assert.rejects(call(c.cas, c.cas.batchUpdateBlobs, { instanceName: '', requests: [{ digest: d, data, compressor: 0 }], digestFunction: 0 }), code(grpc.status.PERMISSION_DENIED, /pull-only/));
   await assert.rejects(call(c.cas, c.cas.batchUpdateBlobs, { instanceName: '', requests: [], digestFunction: 0 }), code(grpc.status.PERMISSION_DENIED));
   await assert.rejects(call(c.push, c.push.pushBlob, { instanceName: '', uris: [], qualifiers: [], blobDigest: d, referencesBlobs: [], referencesDirectories: [], digestFunction: 0 }), code(grpc.status.PERMISSION_DENIED));
   await assert.rejects(call(c.push, c.push.pushDirectory, { instanceName: '', uris: [`${URN_PREFIX}v1:p/e/k`], qualifiers: [], rootDirectoryDigest: d, referencesBlobs: [], referencesDirectories: [], digestFunction: 0 }), code(grpc.status.PERMISSION_DENIED));

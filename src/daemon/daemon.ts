@@ -204,7 +204,13 @@ export class Daemon {
     this.upstreamSet = await this.buildUpstreams(config.upstreams);
     // Jobs a previous run (or a kill -9) left are resumed before anything new is accepted.
     await this.pushQueue.start();
-    const sink: PushSink = { namePushed: (urn, recordName) => this.pushQueue.enqueue(urn, recordName) };
+    const sink: PushSink = {
+      namePushed: async (urn, recordName) => {
+        await this.pushQueue.enqueue(urn, recordName);
+        // A name pushed here is no longer a miss to fetch.
+        await this.pullThrough.settle([{ urn, status: 'mirrored' }]).catch((err: unknown) => this.log.warn({ err, urn }, 'could not settle the miss record of a pushed name'));
+      },
+    };
     const budget = new SendBudget(config.serve.limits.sendBudgetBytes);
     for (const listener of config.listen) {
       this.servers.push(

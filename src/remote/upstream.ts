@@ -6,6 +6,7 @@ import { isDirectoryName } from '../cas/names.js';
 import { type Digest, digestKey, fromWire, readResourceName, toWire } from '../cas/digest.js';
 import { MirrorError, isMirrorError } from '../errors.js';
 import type { WriteRequest, WriteResponse } from '../gen/google/bytestream/bytestream.js';
+import { Compressor_Value } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { Endpoint, type EndpointSpec, grpcCode } from './endpoint.js';
 
 export { grpcCode, parseUpstreamUrl } from './endpoint.js';
@@ -353,7 +354,7 @@ export class GrpcUpstream implements Upstream, UpstreamWriter {
     try {
       res = await storage.call(storage.cas.batchUpdateBlobs, storage.cas, {
         instanceName: storage.instanceName,
-        requests: blobs.map((b) => ({ digest: toWire(b.digest), data: asBuffer(b.data) })),
+        requests: blobs.map((b) => ({ digest: toWire(b.digest), data: asBuffer(b.data), compressor: Compressor_Value.IDENTITY })),
         digestFunction: 0,
       });
     } catch (err) {

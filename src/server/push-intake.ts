@@ -5,7 +5,7 @@ import { artifactRoots, checkMessageSize, closureProblem, decodeDirectory, sourc
 import { type Digest, digestKey, fromWire, isEmptyDigest, parseResourceName, toWire } from '../cas/digest.js';
 import { type MirrorName, isDirectoryName } from '../cas/names.js';
 import { MirrorError } from '../errors.js';
-import type { BatchUpdateBlobsRequest, BatchUpdateBlobsResponse } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
+import { type BatchUpdateBlobsRequest, type BatchUpdateBlobsResponse, Compressor_Value } from '../gen/build/bazel/remote/execution/v2/remote_execution.js';
 import type { WriteRequest } from '../gen/google/bytestream/bytestream.js';
 import { checkDecoded } from './handler.js';
 import { toStatus } from './status.js';
@@ -44,6 +44,9 @@ export class PushIntake {
     }
     const blobs = req.requests.map((r, i) => {
       const digest = fromWire(r.digest, `requests[${i}].digest`);
+      if (r.compressor !== Compressor_Value.IDENTITY) {
+        return { digest, error: new MirrorError('UNSUPPORTED', `requests[${i}]: compressor ${Compressor_Value[r.compressor] ?? r.compressor} is not supported: the mirror advertises no compressors; send IDENTITY`) };
+      }
       if (r.data.byteLength !== digest.sizeBytes) {
         return { digest, error: new MirrorError('DIGEST_MISMATCH', `requests[${i}]: ${r.data.byteLength} bytes sent for a blob of size ${digest.sizeBytes}`) };
       }

@@ -153,6 +153,55 @@ export interface FindMissingBlobsResponse {
   missingBlobDigests: Digest[];
 }
 
+/** The mirror advertises no compressors; it reads this field only to refuse anything but IDENTITY. */
+export interface Compressor {
+}
+
+export enum Compressor_Value {
+  IDENTITY = 0,
+  ZSTD = 1,
+  DEFLATE = 2,
+  BROTLI = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function compressor_ValueFromJSON(object: any): Compressor_Value {
+  switch (object) {
+    case 0:
+    case "IDENTITY":
+      return Compressor_Value.IDENTITY;
+    case 1:
+    case "ZSTD":
+      return Compressor_Value.ZSTD;
+    case 2:
+    case "DEFLATE":
+      return Compressor_Value.DEFLATE;
+    case 3:
+    case "BROTLI":
+      return Compressor_Value.BROTLI;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Compressor_Value.UNRECOGNIZED;
+  }
+}
+
+export function compressor_ValueToJSON(object: Compressor_Value): string {
+  switch (object) {
+    case Compressor_Value.IDENTITY:
+      return "IDENTITY";
+    case Compressor_Value.ZSTD:
+      return "ZSTD";
+    case Compressor_Value.DEFLATE:
+      return "DEFLATE";
+    case Compressor_Value.BROTLI:
+      return "BROTLI";
+    case Compressor_Value.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export interface BatchUpdateBlobsRequest {
   instanceName: string;
   requests: BatchUpdateBlobsRequest_Request[];
@@ -162,6 +211,7 @@ export interface BatchUpdateBlobsRequest {
 export interface BatchUpdateBlobsRequest_Request {
   digest?: Digest | undefined;
   data: Buffer;
+  compressor: Compressor_Value;
 }
 
 export interface BatchUpdateBlobsResponse {
@@ -980,6 +1030,58 @@ export const FindMissingBlobsResponse: MessageFns<FindMissingBlobsResponse> = {
   },
 };
 
+function createBaseCompressor(): Compressor {
+  return {};
+}
+
+export const Compressor: MessageFns<Compressor> = {
+  encode(_: Compressor, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Compressor {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompressor();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): Compressor {
+    return {};
+  },
+
+  toJSON(_: Compressor): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Compressor>, I>>(base?: I): Compressor {
+    return Compressor.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Compressor>, I>>(_: I): Compressor {
+    const message = createBaseCompressor();
+    return message;
+  },
+};
+
 function createBaseBatchUpdateBlobsRequest(): BatchUpdateBlobsRequest {
   return { instanceName: "", requests: [], digestFunction: 0 };
 }
@@ -1092,7 +1194,7 @@ export const BatchUpdateBlobsRequest: MessageFns<BatchUpdateBlobsRequest> = {
 };
 
 function createBaseBatchUpdateBlobsRequest_Request(): BatchUpdateBlobsRequest_Request {
-  return { digest: undefined, data: Buffer.alloc(0) };
+  return { digest: undefined, data: Buffer.alloc(0), compressor: 0 };
 }
 
 export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest_Request> = {
@@ -1102,6 +1204,9 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
     }
     if (message.data.length !== 0) {
       writer.uint32(18).bytes(message.data);
+    }
+    if (message.compressor !== 0) {
+      writer.uint32(24).int32(message.compressor);
     }
     return writer;
   },
@@ -1135,6 +1240,14 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
             message.data = ((b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength))(reader.bytes());
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.compressor = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1151,6 +1264,7 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
     return {
       digest: isSet(object.digest) ? Digest.fromJSON(object.digest) : undefined,
       data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      compressor: isSet(object.compressor) ? compressor_ValueFromJSON(object.compressor) : 0,
     };
   },
 
@@ -1161,6 +1275,9 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
     }
     if (message.data.length !== 0) {
       obj.data = base64FromBytes(message.data);
+    }
+    if (message.compressor !== 0) {
+      obj.compressor = compressor_ValueToJSON(message.compressor);
     }
     return obj;
   },
@@ -1176,6 +1293,7 @@ export const BatchUpdateBlobsRequest_Request: MessageFns<BatchUpdateBlobsRequest
       ? Digest.fromPartial(object.digest)
       : undefined;
     message.data = object.data ?? Buffer.alloc(0);
+    message.compressor = object.compressor ?? 0;
     return message;
   },
 };
