@@ -286,6 +286,10 @@ test('daemon: an invalid config edit is reported and the running config kept; a 
   const bad = await daemon.status();
   assert.match(bad.daemon?.configError?.message ?? '', /sync\.schedule/);
   assert.equal(bad.daemon?.schedule, undefined);
+  // A file truncated half way through an editor's write is not "every default".
+  await writeFile(file, '');
+  await daemon.reload();
+  assert.match((await daemon.status()).daemon?.configError?.message ?? '', /the file is empty/);
 
   // The valid edit is picked up by the file watcher (no explicit reload).
   const applied = nextRun(daemon, (r) => r.triggers.some((x) => x.kind === 'config'));

@@ -124,6 +124,32 @@ test('runner: one run at a time; triggers during a run coalesce into one follow-
   assert.equal(runs.map.size, 3);
 });
 
+test('runner: a run of given names stops when its client goes away; a configured run does not', async () => {
+  const runs = new MemoryTable<RunRecord>();
+  const seen: string[] = [];
+  const runner = new SyncRunner(async (request, { signal }) => {
+    // The job ends when its signal says so (as sync-job does between steps).
+    await new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
+    seen.push(`${request.kind}: ${signal.reason instanceof Error ? signal.reason.message : ''}`);
+    return { report: report(), notes: [] };
+  }, runs, silentLogger());
+  const client = new AbortController();
+  const named = runner.request({ kind: 'cli' }, { kind: 'names', names: ['p/e/k'] }, undefined, client.signal);
+  await new Promise((resolve) => setImmediate(resolve));
+  client.abort(new Error('the client that asked for it went away'));
+  await named;
+  assert.deepEqual(seen, ['names: the client that asked for it went away']);
+  const other = new AbortController();
+  const configured = runner.request({ kind: 'cli' }, { kind: 'configured' }, undefined, other.signal);
+  await new Promise((resolve) => setImmediate(resolve));
+  other.abort(new Error('gone'));
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(runner.running?.triggers[0]?.kind, 'cli', 'the configured run goes on');
+  await runner.stop();
+  await configured;
+  assert.deepEqual(seen, ['names: the client that asked for it went away', 'configured: the daemon is shutting down']);
+});
+
 test('runner: a failing job is recorded as an error and does not stop later runs; exclusive jobs wait their turn', async () => {
   const runs = new MemoryTable<RunRecord>();
   let fail = true;

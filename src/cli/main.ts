@@ -45,6 +45,11 @@ const EXIT_USAGE = 2;
 const EXIT_ENVIRONMENT = 3;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
+/** A path given on the command line, made absolute against the CLI's working directory. */
+function absolute(path: string | undefined): string | undefined {
+  return path === undefined ? undefined : resolve(path);
+}
+
 /**
  * The data directory of a command other than serve: --dir, else the --config file's `dir`, else
  * the default. Taking it from the config means `status --config mirror.yaml` reaches the daemon
@@ -115,18 +120,20 @@ async function main(argv: string[]): Promise<number> {
             dir,
             configUpstreams: config?.upstreams.map((u) => u.spec) ?? [],
             upstreams: (a.upstream ?? []).map((value) => ({
+              // Absolute: a running daemon opens these files from its own working directory.
               ...parseUpstreamOption(value, {
                 instanceName: a['instance-name'],
-                serverCertFile: a['server-cert'],
-                clientCertFile: a['client-cert'],
-                clientKeyFile: a['client-key'],
-                accessTokenFile: a['access-token'],
+                serverCertFile: absolute(a['server-cert']),
+                clientCertFile: absolute(a['client-cert']),
+                clientKeyFile: absolute(a['client-key']),
+                accessTokenFile: absolute(a['access-token']),
               }),
               readIdleTimeoutMs: a['read-idle-timeout'] * 1000,
             })),
             refs: a.ref,
             refsFiles: a['refs-file'],
-            projects: a.project === undefined ? [] : [{ path: resolve(a.project), targets: a.target, bst: a.bst }],
+            // A bst given as a path (./venv/bin/bst) is resolved here; a bare command is looked up on PATH.
+            projects: a.project === undefined ? [] : [{ path: resolve(a.project), targets: a.target, bst: a.bst.includes('/') ? resolve(a.bst) : a.bst }],
             withBuildtrees: a['with-buildtrees'],
             concurrency: a.concurrency,
             json: a.json,
@@ -208,7 +215,7 @@ async function main(argv: string[]): Promise<number> {
         const base = a.config === undefined ? parseConfig('', '(command line)', { ...overrides, dir: a.dir ?? defaultDataDir() }) : await loadConfig(a.config, overrides);
         const config = withServeFlags(base, flags);
         const log = createLogger(config.logLevel);
-        const daemon = await Daemon.start(config, { configFile: a.config, overrides, log });
+        const daemon = await Daemon.start(config, { configFile: a.config === undefined ? undefined : resolve(a.config), overrides, log, withFlags: (c) => withServeFlags(c, flags) });
         const [first, ...more] = daemon.addresses;
         process.stdout.write(`bst-cache-mirror serving ${config.dir} on ${first ?? ''}\n`);
         for (const address of more) process.stdout.write(`bst-cache-mirror also serving on ${address}\n`);

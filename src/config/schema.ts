@@ -255,9 +255,27 @@ export function configSchema(configDir: string) {
       {
         dir: path.default(() => defaultDataDir()),
         'log-level': z.enum(LOG_LEVELS).default('info'),
-        listen: z.array(listener).min(1, { error: 'give at least one address' }).default([{ address: DEFAULT_LISTEN, push: false }]),
+        listen: z
+          .array(listener)
+          .min(1, { error: 'give at least one address' })
+          .superRefine((listeners, ctx) => {
+            listeners.forEach((l, i) => {
+              const first = listeners.findIndex((o) => o.address === l.address);
+              if (first < i && !l.address.endsWith(':0')) ctx.addIssue({ code: 'custom', path: [i, 'address'], message: `${l.address} is listed already (listen[${first}])` });
+            });
+          })
+          .default([{ address: DEFAULT_LISTEN, push: false }]),
         serve,
-        upstreams: z.array(upstream).default([]),
+        upstreams: z
+          .array(upstream)
+          .superRefine((upstreams, ctx) => {
+            // The name keys health records and push jobs: two upstreams may not share one.
+            upstreams.forEach((u, i) => {
+              const first = upstreams.findIndex((o) => o.name === u.name);
+              if (first < i) ctx.addIssue({ code: 'custom', path: [i, 'name'], message: `'${u.name}' is the name of upstreams[${first}] already: give each upstream its own name` });
+            });
+          })
+          .default([]),
         sync,
         health,
         replicate,

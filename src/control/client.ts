@@ -4,7 +4,7 @@ import { MirrorError, type MirrorErrorCode } from '../errors.js';
 import { ERROR_CODE_KEY } from '../server/status.js';
 import type { SyncProgress, SyncReport } from '../sync/sync-job.js';
 import { socketAnswers } from './socket.js';
-import { type PushReport, type PushRequest, type StatusReport, type SyncEvent, type SyncRequest, controlService, controlSocketPath } from './protocol.js';
+import { CONTROL_CHANNEL_OPTIONS, type PushReport, type PushRequest, type StatusReport, type SyncEvent, type SyncRequest, controlService, controlSocketPath } from './protocol.js';
 
 const CONTROL_CODES: ReadonlySet<string> = new Set<MirrorErrorCode>([
   'INVALID_ARGUMENT',
@@ -25,6 +25,8 @@ const CONTROL_CODES: ReadonlySet<string> = new Set<MirrorErrorCode>([
 
 const ControlGrpcClient = grpc.makeGenericClientConstructor(controlService, 'Control');
 
+const STATUS_DEADLINE_MS = 30_000;
+
 /** The CLI's side of the control endpoint (see protocol.ts). */
 export class ControlClient {
   private constructor(
@@ -38,7 +40,7 @@ export class ControlClient {
     // A socket file without a listener is what a killed daemon leaves: no daemon.
     const alive = await socketAnswers(path);
     if (!alive) return undefined;
-    return new ControlClient(new ControlGrpcClient(`unix:${path}`, grpc.credentials.createInsecure()), path);
+    return new ControlClient(new ControlGrpcClient(`unix:${path}`, grpc.credentials.createInsecure(), CONTROL_CHANNEL_OPTIONS), path);
   }
 
   close(): void {
@@ -59,7 +61,8 @@ export class ControlClient {
   }
 
   status(request: { version: string }): Promise<StatusReport> {
-    return this.unary(controlService.status, request);
+    // Status is quick in a healthy daemon; one stopped (SIGSTOP) or wedged must not hang the CLI.
+    return this.unary(controlService.status, request, STATUS_DEADLINE_MS);
   }
 
   verify(request: { version: string; repair: boolean; prune: boolean }): Promise<VerifyReport> {
@@ -70,10 +73,12 @@ export class ControlClient {
     return this.unary(controlService.push, request);
   }
 
-  private unary<Res>(method: grpc.MethodDefinition<unknown, Res>, request: unknown): Promise<Res> {
+  private unary<Res>(method: grpc.MethodDefinition<unknown, Res>, request: unknown, deadlineMs?: number): Promise<Res> {
     return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(method.path, method.requestSerialize, method.responseDeserialize, request, (err, res) => {
-        if (err) reject(fromControlError(err, this.path));
+      const options: grpc.CallOptions = deadlineMs === undefined ? {} : { deadline: Date.now() + deadlineMs };
+      this.client.makeUnaryRequest(method.path, method.requestSerialize, method.responseDeserialize, request, new grpc.Metadata(), options, (err, res) => {
+        if (err?.code === grpc.status.DEADLINE_EXCEEDED) reject(new MirrorError('UPSTREAM_ERROR', `the daemon on ${this.path} did not answer within ${(deadlineMs ?? 0) / 1000} s: is it stopped or overloaded?`));
+        else if (err) reject(fromControlError(err, this.path));
         else if (res === undefined) reject(new MirrorError('UPSTREAM_ERROR', `the daemon on ${this.path} sent an empty answer`));
         else resolve(res);
       });

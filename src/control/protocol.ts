@@ -148,6 +148,18 @@ export interface StatusReport {
   readonly push: PushQueueStats;
 }
 
+/**
+ * The control socket is its owner's alone, and a report holds a line per name (a sync of 100,000
+ * names is tens of MB): gRPC's 4 MiB default would fail big runs after they ran.
+ */
+export const CONTROL_CHANNEL_OPTIONS = {
+  'grpc.max_receive_message_length': 1 << 30,
+  'grpc.max_send_message_length': 1 << 30,
+} as const;
+
+/** The longest unix socket path (sockaddr_un.sun_path, less its NUL). */
+export const MAX_SOCKET_PATH_BYTES = 107;
+
 export const pushRequestSchema = z
   .object({
     version: z.string(),

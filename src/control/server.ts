@@ -13,6 +13,8 @@ import {
   type StatusReport,
   type SyncEvent,
   controlService,
+  CONTROL_CHANNEL_OPTIONS,
+  MAX_SOCKET_PATH_BYTES,
   controlSocketPath,
   statusRequestSchema,
   syncRequestSchema,
@@ -75,12 +77,17 @@ export class ControlServer {
 
   static async start(dir: string, version: string, handlers: ControlHandlers, log: Logger): Promise<ControlServer> {
     const path = controlSocketPath(dir);
+    // sockaddr_un holds 107 bytes; grpc would bind a truncated path elsewhere.
+    if (Buffer.byteLength(path) > MAX_SOCKET_PATH_BYTES) {
+      throw new MirrorError('CONFIG_INVALID', `the data directory ${dir} is too long a path for its control socket (${Buffer.byteLength(path)} bytes; at most ${MAX_SOCKET_PATH_BYTES}): use a shorter dir`);
+    }
     await removeStaleSocket(path);
-    const server = new grpc.Server();
+    const server = new grpc.Server(CONTROL_CHANNEL_OPTIONS);
     server.addService(controlService, {
       sync: (call: grpc.ServerWritableStream<unknown, SyncEvent>) => {
         const abort = new AbortController();
-        call.on('cancelled', () => abort.abort());
+        // The CLI went away (Ctrl-C, killed): a run of its names stops rather than holding the runner.
+        call.on('cancelled', () => abort.abort(new Error('the client that asked for it went away')));
         let last = 0;
         let pending: SyncProgress | undefined;
         const flush = (): void => {
@@ -131,7 +138,12 @@ export class ControlServer {
     } finally {
       process.umask(umask);
     }
-    await chmod(path, 0o600);
+    try {
+      await chmod(path, 0o600);
+    } catch (err) {
+      server.forceShutdown();
+      throw new MirrorError('CONFIG_INVALID', `cannot make the control socket ${path} owner-only: ${errorMessage(err)}`, { cause: err });
+    }
     log.info({ path }, 'control endpoint listening');
     return new ControlServer(server, path);
   }

@@ -1,3 +1,4 @@
+import { readFile } from 'node:fs/promises';
 import { isDeepStrictEqual } from 'node:util';
 import { CronJob } from 'cron';
 import type { Logger } from 'pino';
@@ -32,6 +33,8 @@ export interface DaemonOptions {
   readonly configFile?: string | undefined;
   /** Flags that override the file, re-applied on every reload. */
   readonly overrides?: ConfigOverrides;
+  /** Applies the serve flags to a loaded config, at start and on every reload (so an unchanged file compares equal). */
+  readonly withFlags?: ((config: Config) => Config) | undefined;
   readonly log: Logger;
   /** Run the configured selection once at start-up (default: when there is anything to sync). */
   readonly syncAtStart?: boolean;
@@ -326,7 +329,10 @@ export class Daemon {
     if (!file) return;
     let next: Config;
     try {
-      next = await loadConfig(file, this.options.overrides);
+      // An empty file on reload is an editor's truncate-then-write caught half way, not "every default".
+      if ((await readFile(file, 'utf8').catch(() => 'unreadable')).trim() === '') throw new MirrorError('CONFIG_INVALID', `${file}: the file is empty`);
+      const loaded = await loadConfig(file, this.options.overrides);
+      next = this.options.withFlags ? this.options.withFlags(loaded) : loaded;
     } catch (err) {
       this.configError = { at: Date.now(), message: errorMessage(err) };
       this.log.error({ err: errorMessage(err) }, 'config reload failed: keeping the running config');
@@ -473,14 +479,14 @@ export class Daemon {
       const upstreams: Upstream[] = [];
       try {
         for (const spec of request.upstreams) upstreams.push(await GrpcUpstream.create(spec as UpstreamSpec));
-        const result = await this.runner.request({ kind: 'cli' }, { kind: 'names', names, withBuildtrees: request.withBuildtrees, upstreams }, onProgress);
+        const result = await this.runner.request({ kind: 'cli' }, { kind: 'names', names, withBuildtrees: request.withBuildtrees, upstreams }, onProgress, signal);
         return this.cliResult(result, notes);
       } finally {
         for (const u of upstreams) u.close();
       }
     }
     const run: RunRequest = names.length > 0 || request.projects.length > 0 ? { kind: 'names', names, withBuildtrees: request.withBuildtrees } : { kind: 'configured' };
-    const result = await this.runner.request({ kind: 'cli' }, run, onProgress);
+    const result = await this.runner.request({ kind: 'cli' }, run, onProgress, signal);
     return this.cliResult(result, notes);
   }
 

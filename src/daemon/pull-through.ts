@@ -35,8 +35,12 @@ const MISS_RECORD_TTL_MS = 7 * 86_400_000;
  * does not have are remembered until the next completed sync run (negative cache), so they cost
  * no WAN round trip per request. With `record`, misses are only recorded; with `off`, ignored.
  */
+/** Names kept in the negative cache: about 10 MB of URNs. */
+const MAX_KNOWN_MISSING = 50_000;
+
 export class PullThrough implements MissHandler {
   private readonly fetching = new Map<string, Promise<boolean>>();
+  /** Names upstream said it lacks, until the next completed configured run (at most MAX_KNOWN_MISSING, oldest dropped first). */
   private readonly knownMissing = new Set<string>();
   private readonly waiting: (() => void)[] = [];
   private active = 0;
@@ -185,7 +189,11 @@ export class PullThrough implements MissHandler {
     try {
       const result = await this.options.fetchName(urn);
       log.info({ urn, status: result.status, reason: result.reason }, 'pull-through fetch ended');
-      if (result.status === 'missing') this.knownMissing.add(urn);
+      if (result.status === 'missing') {
+        // Bounded whatever clients ask for: past the cap the oldest entry goes (a Set iterates in insertion order).
+        if (this.knownMissing.size >= MAX_KNOWN_MISSING) this.knownMissing.delete(this.knownMissing.values().next().value as string);
+        this.knownMissing.add(urn);
+      }
       await this.settle([{ urn, status: result.status, reason: result.reason }]).catch((err: unknown) => log.warn({ err, urn }, 'could not record a miss'));
       return result.status === 'mirrored' || result.status === 'present';
     } catch (err) {

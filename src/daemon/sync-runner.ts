@@ -35,6 +35,8 @@ interface Pending {
   readonly listeners: ((p: SyncProgress) => void)[];
   readonly done: Promise<RunResult>;
   resolve(result: RunResult): void;
+  /** A run of given names for one client: cancelled when that client goes away. */
+  readonly cancel?: AbortSignal | undefined;
 }
 
 const KEEP_RUNS = 200;
@@ -72,7 +74,7 @@ export class SyncRunner {
   ) {}
 
   /** Queues a run (or joins the waiting configured run); resolves when it has ended. */
-  request(trigger: Trigger, request: RunRequest = { kind: 'configured' }, onProgress?: (p: SyncProgress) => void): Promise<RunResult> {
+  request(trigger: Trigger, request: RunRequest = { kind: 'configured' }, onProgress?: (p: SyncProgress) => void, cancel?: AbortSignal): Promise<RunResult> {
     if (this.abort.signal.aborted) return Promise.reject(new Error('the daemon is shutting down'));
     const waiting = request.kind === 'configured' ? this.queue.find((p) => p.request.kind === 'configured') : undefined;
     if (waiting) {
@@ -83,7 +85,8 @@ export class SyncRunner {
     }
     let resolve!: (result: RunResult) => void;
     const done = new Promise<RunResult>((r) => (resolve = r));
-    this.queue.push({ request, triggers: [trigger], listeners: onProgress ? [onProgress] : [], done, resolve });
+    // Only a run of given names is one client's alone to cancel; a configured run others may have joined.
+    this.queue.push({ request, triggers: [trigger], listeners: onProgress ? [onProgress] : [], done, resolve, cancel: request.kind === 'names' ? cancel : undefined });
     this.kick();
     return done;
   }
@@ -146,7 +149,7 @@ export class SyncRunner {
 
   /** Cancels the run under way (its transfers stop and clean up) and refuses new ones; waits for it. */
   async stop(): Promise<void> {
-    this.abort.abort();
+    this.abort.abort(new Error('the daemon is shutting down'));
     await this.onIdle();
   }
 
@@ -180,7 +183,7 @@ export class SyncRunner {
     const base = () => ({ id, triggers: current.triggers, what: current.request.kind, startedAt, endedAt: this.now() });
     try {
       const out = await this.job(current.request, {
-        signal: this.abort.signal,
+        signal: current.cancel ? AbortSignal.any([this.abort.signal, current.cancel]) : this.abort.signal,
         onProgress: (p) => {
           current.progress = p;
           for (const l of current.listeners) l(p);

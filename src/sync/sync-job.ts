@@ -179,6 +179,11 @@ interface Counter {
 /** Blob transfers under way, by digest key, shared by every name of one sync. */
 type InFlight = Map<string, Promise<void>>;
 
+/** Why a run was cancelled: its signal's reason (the daemon stopping, the client gone), as a name's failure. */
+function cancelledReason(signal: AbortSignal): string {
+  return `cancelled: ${signal.reason instanceof Error ? signal.reason.message : 'the daemon is shutting down'}`;
+}
+
 async function syncOne(
   input: string,
   options: SyncOptions,
@@ -186,7 +191,7 @@ async function syncOne(
   inFlight: InFlight,
   counter: Counter,
 ): Promise<Omit<NameResult, 'blobsTransferred' | 'bytesTransferred'>> {
-  if (options.signal?.aborted) return { input, status: 'failed', reason: 'cancelled: the daemon is shutting down' };
+  if (options.signal?.aborted) return { input, status: 'failed', reason: cancelledReason(options.signal) };
   let candidates: MirrorName[];
   try {
     candidates = parseUserName(input);
@@ -277,7 +282,7 @@ class ClosureFetcher {
   ) {}
 
   private checkCancelled(): void {
-    if (this.signal?.aborted) throw new MirrorError('UPSTREAM_ERROR', 'cancelled: the daemon is shutting down');
+    if (this.signal?.aborted) throw new MirrorError('UPSTREAM_ERROR', cancelledReason(this.signal));
   }
 
   /**
