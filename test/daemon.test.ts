@@ -249,6 +249,8 @@ test('daemon: pull-through: N concurrent misses make one upstream fetch; names m
   // A completed run of the selection (which includes the recorded miss) clears the negative cache.
   const run = await daemon.requestSync({ kind: 'cli' });
   assert.equal(run.record.names.missing, 1);
+  const second = await daemon.requestSync({ kind: 'cli' });
+  assert.equal(second.record.names.missing, 0, 'missing upstream and not asked for since: it joins no further run');
   assert.equal((await fetchDirectory(client, absent)).code, grpc.status.NOT_FOUND);
   assert.equal(up.askedUris.filter((u) => u === absent).length, 3);
 });

@@ -59,6 +59,10 @@ test('health: consecutive failures take an upstream offline; probes back off, an
   now += 1000;
   health.admit(); // the probe
   assert.throws(() => health.admit(), /offline/, 'one probe at a time');
+  // Calls admitted before the outage was noticed end now: they are not failed probes.
+  health.failed(unreachable(), { admittedOnline: true });
+  health.failed(unreachable(), { admittedOnline: true });
+  assert.equal(health.state.probeIntervalMs, 1000);
   health.failed(unreachable());
   assert.equal(health.state.probeIntervalMs, 2000);
   now += 2000;

@@ -219,6 +219,11 @@ async function main(argv: string[]): Promise<number> {
         const [first, ...more] = daemon.addresses;
         process.stdout.write(`bst-cache-mirror serving ${config.dir} on ${first ?? ''}\n`);
         for (const address of more) process.stdout.write(`bst-cache-mirror also serving on ${address}\n`);
+        // SIGHUP reloads the config, as daemons do (the file watcher does too).
+        process.on('SIGHUP', () => {
+          log.info({ signal: 'SIGHUP' }, 'reloading the config');
+          void daemon.reload();
+        });
         await new Promise<void>((resolve) => {
           const stop = (signal: string): void => {
             log.info({ signal }, 'shutting down');
@@ -228,6 +233,8 @@ async function main(argv: string[]): Promise<number> {
           process.once('SIGTERM', stop);
         });
         await daemon.stop();
+        // A call stuck on a silent upstream must not keep the process alive once the daemon has stopped.
+        setTimeout(() => process.exit(process.exitCode ?? 0), 1000).unref();
       },
     )
     .command(

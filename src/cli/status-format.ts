@@ -60,7 +60,7 @@ export function formatStatus(status: StatusReport, now: number): string {
   lines.push(status.runs.length === 0 ? 'sync runs: none yet' : 'sync runs (latest first):');
   for (const run of status.runs) {
     lines.push(runLine(run));
-    for (const o of run.outages) lines.push(`      unreachable: ${o.upstream}: ${o.reason}`);
+    for (const o of run.outages) lines.push(`      ${formatOutage(o)}`);
     for (const note of run.notes ?? []) lines.push(`      note: ${note}`);
   }
   const { push } = status;
@@ -73,4 +73,10 @@ export function formatStatus(status: StatusReport, now: number): string {
     lines.push(`  ${m.urn}: asked ${m.count} time${m.count === 1 ? '' : 's'}, last ${when(m.lastAt, now)}${m.lastOutcome ? `; ${m.lastOutcome}${m.reason ? `: ${m.reason}` : ''}` : ''}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/** `unreachable: UPSTREAM: reason`, without the upstream named twice (upstream errors start with its URL). */
+export function formatOutage(o: { readonly upstream: string; readonly reason: string }): string {
+  const reason = o.reason.startsWith(`${o.upstream}: `) ? o.reason.slice(o.upstream.length + 2) : o.reason;
+  return `unreachable: ${o.upstream}: ${reason}`;
 }

@@ -11,7 +11,7 @@ import { type SyncProgress, type SyncReport, syncNames } from '../sync/sync-job.
 import { VERSION } from '../version.js';
 import { openStoreOrDaemon } from './daemon-or-store.js';
 import { formatBytes } from './format.js';
-import { formatDuration } from './status-format.js';
+import { formatDuration, formatOutage } from './status-format.js';
 
 export interface SyncCommandArgs {
   readonly dir: string;
@@ -174,7 +174,7 @@ function printSummary(report: SyncReport, json: boolean, out: NodeJS.WritableStr
       '\n',
   );
   // An outage is reported once, not once per name it failed.
-  for (const o of report.outages) out.write(`unreachable: ${o.upstream}: ${o.reason}\n`);
+  for (const o of report.outages) out.write(`${formatOutage(o)}\n`);
   for (const r of report.results) {
     if (r.status === 'missing' || r.status === 'failed') out.write(`${r.status}: ${r.input}: ${r.reason ?? ''}\n`);
   }

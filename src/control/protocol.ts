@@ -118,6 +118,8 @@ export interface MissRecord {
   /** What the last fetch of it found, if one ran. */
   readonly lastOutcome?: NameStatus | 'fetching' | undefined;
   readonly reason?: string | undefined;
+  /** `count` when that outcome was recorded: asked for since if `count` is higher. */
+  readonly settledCount?: number | undefined;
 }
 
 

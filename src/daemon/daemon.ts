@@ -63,7 +63,11 @@ export class Daemon {
   private readonly importRetries = new Set<NodeJS.Timeout>();
   private upstreamSet: UpstreamSet = { configs: [], upstreams: [] };
   /** Upstream sets replaced by a reload, closed once no run uses them. */
+  /** Sets replaced by a reload, closed once no run or fetch uses them (see withUpstreams). */
   private retired: UpstreamSet[] = [];
+  private readonly setUsers = new Map<UpstreamSet, number>();
+  /** Cancels pull-through fetches at shutdown. */
+  private readonly fetchAbort = new AbortController();
   private configError: { at: number; message: string } | undefined;
   private readonly startedAt = Date.now();
   private stopping: Promise<void> | undefined;
@@ -261,6 +265,7 @@ export class Daemon {
     await Promise.all(this.servers.map((s) => s.stop()));
     await this.control?.stop();
     log.info('daemon stopping: sync runs, pull-through fetches and push jobs');
+    this.fetchAbort.abort(new Error('the daemon is shutting down'));
     await this.runner.stop();
     await this.pullThrough.close();
     // Jobs stay recorded; the next start resumes them.
@@ -349,7 +354,7 @@ export class Daemon {
         const fresh = await this.buildUpstreams(next.upstreams);
         this.retired.push(this.upstreamSet);
         this.upstreamSet = fresh;
-        void this.runner.onIdle().then(() => this.closeRetired());
+        this.closeRetired();
       } catch (err) {
         this.config = old;
         this.configError = { at: Date.now(), message: errorMessage(err) };
@@ -367,9 +372,27 @@ export class Daemon {
     if (!isDeepStrictEqual(old.sync, next.sync) || !isDeepStrictEqual(old.upstreams, next.upstreams)) void this.runner.request({ kind: 'config', detail: file });
   }
 
+  /** Closes the connections of retired upstream sets that no run or fetch uses any more. */
   private closeRetired(): void {
-    if (this.runner.running || this.pullThrough.inFlight > 0) return;
-    for (const set of this.retired.splice(0)) for (const u of set.upstreams) u.close();
+    this.retired = this.retired.filter((set) => {
+      if ((this.setUsers.get(set) ?? 0) > 0) return true;
+      for (const u of set.upstreams) u.close();
+      return false;
+    });
+  }
+
+  /** Runs `fn` with the current upstreams, which a reload meanwhile retires but does not close under it. */
+  private async withUpstreams<T>(fn: (set: UpstreamSet) => Promise<T>): Promise<T> {
+    const set = this.upstreamSet;
+    this.setUsers.set(set, (this.setUsers.get(set) ?? 0) + 1);
+    try {
+      return await fn(set);
+    } finally {
+      const left = (this.setUsers.get(set) ?? 1) - 1;
+      if (left === 0) this.setUsers.delete(set);
+      else this.setUsers.set(set, left);
+      this.closeRetired();
+    }
   }
 
   /** The names a configured run mirrors: refs, refs files, projects' elements and recorded misses. */
@@ -407,9 +430,12 @@ export class Daemon {
     return { names: valid, notes };
   }
 
-  private async runJob(request: RunRequest, signal: AbortSignal, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
+  private runJob(request: RunRequest, signal: AbortSignal, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
+    return this.withUpstreams((set) => this.runWith(set, request, signal, onProgress));
+  }
+
+  private async runWith(set: UpstreamSet, request: RunRequest, signal: AbortSignal, onProgress: (p: SyncProgress) => void): Promise<{ report: SyncReport; notes: string[] }> {
     const { sync } = this.config;
-    const set = this.upstreamSet;
     if (request.kind === 'names') {
       const report = await syncNames({
         store: this.store,
@@ -438,17 +464,17 @@ export class Daemon {
     await this.pullThrough.settle(report.results.map((r) => ({ urn: r.urn ?? r.input, status: r.status, reason: r.reason }))).catch((err: unknown) => {
       this.log.warn({ err }, 'could not update recorded misses');
     });
-    this.closeRetired();
     return { report, notes };
   }
 
   /** Pull-through: a sync of one name, beside the runs (it only adds blobs and that name). */
-  private async fetchMissed(urn: string): Promise<{ status: SyncReport['results'][number]['status']; reason?: string | undefined }> {
-    const set = this.upstreamSet;
-    if (set.upstreams.length === 0) return { status: 'missing', reason: 'no upstreams configured' };
-    const report = await syncNames({ store: this.store, upstreams: set.upstreams, names: [urn], concurrency: this.config.sync.concurrency, log: this.log });
-    const result = report.results[0];
-    return { status: result?.status ?? 'failed', reason: result?.reason };
+  private fetchMissed(urn: string): Promise<{ status: SyncReport['results'][number]['status']; reason?: string | undefined }> {
+    return this.withUpstreams(async (set) => {
+      if (set.upstreams.length === 0) return { status: 'missing', reason: 'no upstreams configured' };
+      const report = await syncNames({ store: this.store, upstreams: set.upstreams, names: [urn], concurrency: this.config.sync.concurrency, log: this.log, signal: this.fetchAbort.signal });
+      const result = report.results[0];
+      return { status: result?.status ?? 'failed', reason: result?.reason };
+    });
   }
 
   private controlHandlers(): ControlHandlers {

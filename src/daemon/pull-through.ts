@@ -119,20 +119,27 @@ export class PullThrough implements MissHandler {
   }
 
   /** Starts no more fetches; waits for those under way. */
-  async close(): Promise<void> {
+  /** Refuses new fetches and waits up to `graceMs` for those under way (the daemon aborts their signal first). */
+  async close(graceMs = 5000): Promise<void> {
     this.closed = true;
     for (const wake of this.waiting.splice(0)) wake();
-    await this.onIdle();
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), graceMs)));
+    const overran = await Promise.race([this.onIdle().then(() => false), late]);
+    clearTimeout(timer);
+    if (overran) this.options.log.warn({ graceMs }, 'pull-through fetches still under way at shutdown; stopping without them');
   }
 
-  /** Recorded misses a configured run should try (not yet mirrored, asked for recently). */
+  /** Recorded misses a configured run should try (not yet mirrored, asked for recently, not found missing since last asked). */
   async namesToSync(): Promise<string[]> {
     const now = (this.options.now ?? Date.now)();
     const names: string[] = [];
     const expired: string[] = [];
     for await (const [urn, miss] of this.options.misses.entries()) {
       if (now - miss.lastAt > MISS_RECORD_TTL_MS) expired.push(urn);
-      else names.push(urn);
+      // One that no upstream had when last tried waits until a client asks again (which resets
+      // its outcome), so misses nobody wants any more cannot make every run partial for a week.
+      else if (miss.lastOutcome !== 'missing' || miss.count > (miss.settledCount ?? 0)) names.push(urn);
     }
     await this.options.misses.batch(expired.map((key) => ({ type: 'del' as const, key })));
     this.recorded = undefined;
@@ -146,7 +153,7 @@ export class PullThrough implements MissHandler {
       const miss = await this.options.misses.get(o.urn);
       if (!miss) continue;
       if (o.status === 'mirrored' || o.status === 'present') ops.push({ type: 'del', key: o.urn });
-      else ops.push({ type: 'put', key: o.urn, value: { ...miss, lastOutcome: o.status, reason: o.reason } });
+      else ops.push({ type: 'put', key: o.urn, value: { ...miss, lastOutcome: o.status, reason: o.reason, settledCount: miss.count } });
     }
     await this.options.misses.batch(ops);
     if (ops.some((op) => op.type === 'del')) {
@@ -173,6 +180,7 @@ export class PullThrough implements MissHandler {
       count: (old?.count ?? 0) + 1,
       lastOutcome: outcome ?? old?.lastOutcome,
       reason: old?.reason,
+      settledCount: old?.settledCount,
     });
   }
 

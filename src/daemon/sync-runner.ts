@@ -147,10 +147,19 @@ export class SyncRunner {
     return out;
   }
 
-  /** Cancels the run under way (its transfers stop and clean up) and refuses new ones; waits for it. */
-  async stop(): Promise<void> {
+  /**
+   * Cancels the run under way (it stops at its next step; its transfers clean up) and refuses new
+   * ones; waits for it up to `graceMs`. A call stuck on a silent upstream can outlast that: the
+   * daemon then goes on stopping, and what the run leaves is what kill -9 would (partial
+   * downloads kept, nothing half-indexed).
+   */
+  async stop(graceMs = 10_000): Promise<void> {
     this.abort.abort(new Error('the daemon is shutting down'));
-    await this.onIdle();
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), graceMs)));
+    const overran = await Promise.race([this.onIdle().then(() => false), late]);
+    clearTimeout(timer);
+    if (overran) this.log.warn({ graceMs }, 'a sync run (or verify) was still under way at shutdown; stopping without it');
   }
 
   private async drain(): Promise<void> {

@@ -98,13 +98,16 @@ export class UpstreamHealth {
   }
 
   /** Counts a failure if it is one of reaching the upstream; other errors count as contact. */
-  failed(err: unknown): void {
+  failed(err: unknown, call: { readonly admittedOnline?: boolean } = {}): void {
     if (!isUnreachable(err)) {
       this.succeeded();
       return;
     }
     if (err instanceof MirrorError && err.cause instanceof UpstreamOffline) return;
     const was = this.record;
+    // A call that was under way when the upstream went offline is no failed probe: it must not
+    // push the next probe further out (several would double the interval at once).
+    if (was.state === 'offline' && call.admittedOnline === true) return;
     const now = this.now();
     const failures = was.consecutiveFailures + 1;
     const lastError = errorMessage(err);
@@ -220,13 +223,14 @@ export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
   }
 
   private async guarded<T>(call: () => Promise<T>): Promise<T> {
+    const admittedOnline = this.health.state.state === 'online';
     this.health.admit();
     try {
       const result = await call();
       this.health.succeeded();
       return result;
     } catch (err) {
-      this.health.failed(err);
+      this.health.failed(err, { admittedOnline });
       throw err;
     }
   }
@@ -251,6 +255,7 @@ export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
   }
 
   async *readStream(digest: Digest, offset?: number): AsyncIterable<Uint8Array> {
+    const admittedOnline = this.health.state.state === 'online';
     this.health.admit();
     let first = true;
     try {
@@ -261,7 +266,7 @@ export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
       }
       if (first) this.health.succeeded();
     } catch (err) {
-      this.health.failed(err);
+      this.health.failed(err, { admittedOnline });
       throw err;
     }
   }
