@@ -4,7 +4,10 @@ import { EMPTY_DIGEST, digestOf, fromWire, parseResourceName } from '../src/cas/
 import { formatBytes } from '../src/cli/format.js';
 import { MirrorError, describeError, isEnvironmentFailure, isMirrorError } from '../src/errors.js';
 import { normalElementName, parseUrn, parseUserName, URN_PREFIX } from '../src/cas/names.js';
-import { parseRefsText } from '../src/sync/refs-file.js';
+import { parseRefsText, readRefsPath } from '../src/sync/refs-file.js';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { parseUpstreamUrl } from '../src/remote/upstream.js';
 import { splitListen } from '../src/server/server.js';
 import { artifactRoots, parseDirectory, sourceRoots } from '../src/cas/closure.js';
@@ -111,8 +114,15 @@ test('errors: the root cause of a chain is shown, and environment failures are t
   assert.equal(describeError(loop), 'loop');
 });
 
-test('refs files allow comments and blank lines', () => {
+test('refs files allow comments and blank lines; a refs directory skips hidden files and editors\' backups', async (t) => {
   assert.deepEqual(parseRefsText('# wanted\n\nproj/a/k1  # trailing\r\n  urn:x  \n#x\n'), ['proj/a/k1', 'urn:x']);
+  const dir = await mkdtemp(join(tmpdir(), 'refs-dir-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await mkdir(join(dir, 'team'));
+  await writeFile(join(dir, 'team', 'wanted'), 'p/b/k\n');
+  await writeFile(join(dir, 'a'), 'p/a/k\n');
+  for (const leftover of ['a~', '#a#', '.a.swp', 'a.swp', 'a.orig', '.hidden']) await writeFile(join(dir, leftover), 'p/old/k\n');
+  assert.deepEqual(await readRefsPath(dir), ['p/a/k', 'p/b/k']);
 });
 
 test('upstream URLs and listen addresses', () => {

@@ -1,14 +1,13 @@
 import type { Logger } from 'pino';
-import { DiskContentStore } from '../cas/disk-store.js';
 import type { Config } from '../config/config.js';
-import { ControlClient } from '../control/client.js';
 import { daemonTables } from '../daemon/state.js';
-import { MirrorError } from '../errors.js';
+import { MirrorError, isMirrorError } from '../errors.js';
 import { PushQueue, type PushQueueStats } from '../push/push-queue.js';
 import { type PushReport, runPushWork } from '../push/push-request.js';
 import { HealthCheckedUpstream, UpstreamHealth } from '../remote/health.js';
 import { GrpcUpstream } from '../remote/upstream.js';
 import { VERSION } from '../version.js';
+import { openStoreOrDaemon } from './daemon-or-store.js';
 import { formatDuration } from './status-format.js';
 
 export interface PushCommandArgs {
@@ -34,8 +33,15 @@ export interface PushCommandArgs {
 export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.WritableStream = process.stdout): Promise<number> {
   if (args.from === undefined && !args.retryFailed && !args.dropFailed) throw new MirrorError('CONFIG_INVALID', 'give --from CACHE_DIR (a BuildStream local cache), --retry-failed or --drop-failed');
   if (args.retryFailed && args.dropFailed) throw new MirrorError('CONFIG_INVALID', 'give --retry-failed or --drop-failed, not both');
-  const daemon = await ControlClient.connect(args.dir);
-  if (daemon) {
+  const noDaemon = (): MirrorError =>
+    new MirrorError('CONFIG_INVALID', `no daemon runs on ${args.dir}: start it (serve --config FILE) and push through it, or give --config FILE to push to that config's push: true upstreams now`);
+  const config = args.config;
+  // Waits for a daemon that is starting, as sync and status do; without --config there is nothing to do here alone.
+  const target = await openStoreOrDaemon(args.dir, log, { create: config !== undefined }).catch((err: unknown) => {
+    throw config === undefined && isMirrorError(err, 'CONFIG_INVALID') ? noDaemon() : err;
+  });
+  if ('daemon' in target) {
+    const { daemon } = target;
     try {
       const report = await daemon.push({ version: VERSION, from: args.from, names: [...args.refs], retryFailed: args.retryFailed, dropFailed: args.dropFailed });
       print(report, undefined, args.from, args.json, out);
@@ -44,17 +50,23 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
       daemon.close();
     }
   }
-  const config = args.config;
+  const { store } = target;
   if (config === undefined) {
-    throw new MirrorError('CONFIG_INVALID', `no daemon runs on ${args.dir}: start it (serve --config FILE) and push through it, or give --config FILE to push to that config's push: true upstreams now`);
+    await store.close();
+    throw noDaemon();
   }
   const pushing = config.upstreams.filter((u) => u.push);
-  if (pushing.length === 0) throw new MirrorError('CONFIG_INVALID', `${args.configFile ?? 'the config'} has no upstream with push: true`);
-  const store = await DiskContentStore.open(config.dir, log);
+  if (pushing.length === 0) {
+    await store.close();
+    throw new MirrorError('CONFIG_INVALID', `${args.configFile ?? 'the config'} has no upstream with push: true`);
+  }
   const tables = daemonTables(store);
   const targets = await Promise.all(
     pushing.map(async (u) => ({ name: u.name, upstream: new HealthCheckedUpstream(await GrpcUpstream.create(u.spec), await UpstreamHealth.load(u.name, { policy: config.health, table: tables.health, log })) })),
-  );
+  ).catch(async (err: unknown) => {
+    await store.close();
+    throw err;
+  });
   const queue = new PushQueue({ store, table: tables.pushJobs, targets: () => targets.map((t) => ({ name: t.name, writer: t.upstream, health: t.upstream.health })), log });
   try {
     await queue.start();

@@ -53,7 +53,7 @@ export function formatStatus(status: StatusReport, now: number): string {
     const contact = `last contact ${when(u.lastSuccessAt, now)}`;
     const state =
       u.state === 'offline'
-        ? `OFFLINE since ${when(u.offlineSince, now)} (${u.consecutiveFailures ?? 0} failures; next probe ${when(u.nextProbeAt, now)}); ${contact}; last error: ${u.lastError ?? '?'}`
+        ? `OFFLINE since ${when(u.offlineSince, now)} (${u.consecutiveFailures ?? 0} failures; ${u.nextProbeAt !== undefined && u.nextProbeAt <= now ? 'probed at the next call' : `next probe ${when(u.nextProbeAt, now)}`}); ${contact}; last error: ${u.lastError ?? '?'}`
         : `online, ${contact}${u.consecutiveFailures ? `; ${u.consecutiveFailures} recent failures, last: ${u.lastError ?? '?'}` : ''}`;
     lines.push(`  ${u.name}${u.configured ? '' : ' (not in the running config)'}: ${state}`);
   }

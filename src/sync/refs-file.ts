@@ -20,9 +20,15 @@ export function parseRefsText(text: string): string[] {
     .filter((line) => line !== '');
 }
 
+/** Backup and lock files editors leave beside the file being edited (`refs~`, `#refs#`, `refs.swp`). */
+function isEditorLeftover(name: string): boolean {
+  return name.endsWith('~') || (name.startsWith('#') && name.endsWith('#')) || /\.(swp|swo|bak|orig|rej|tmp)$/.test(name);
+}
+
 /**
  * The names of a refs path: a refs file, or a directory whose regular files (recursively, hidden
- * ones skipped) are refs files. Sorted by path, so a run's selection does not depend on listing order.
+ * ones and editors' backup files skipped) are refs files. Sorted by path, so a run's selection
+ * does not depend on listing order.
  */
 export async function readRefsPath(path: string): Promise<string[]> {
   let info;
@@ -34,7 +40,7 @@ export async function readRefsPath(path: string): Promise<string[]> {
   if (!info.isDirectory()) return readRefsFile(path);
   const entries = await readdir(path, { recursive: true, withFileTypes: true });
   const files = entries
-    .filter((e) => e.isFile() && !relative(path, join(e.parentPath, e.name)).split(sep).some((part) => part.startsWith('.')))
+    .filter((e) => e.isFile() && !isEditorLeftover(e.name) && !relative(path, join(e.parentPath, e.name)).split(sep).some((part) => part.startsWith('.')))
     .map((e) => join(e.parentPath, e.name))
     .sort();
   const names: string[] = [];

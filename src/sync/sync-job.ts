@@ -115,12 +115,13 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
           blobs: 0,
           bytes: 0,
           walkedOnce: false,
-          add(blobs: number, bytes: number, resumed: number) {
+          add(blobs: number, bytes: number, resumed: number, streamed = 0) {
             this.blobs += blobs;
             this.bytes += bytes;
             totals.blobs += blobs;
             totals.bytes += bytes;
             totals.resumed += resumed;
+            totals.streaming -= streamed;
             report();
           },
           streamed(bytes: number) {
@@ -163,8 +164,11 @@ export async function syncNames(options: SyncOptions): Promise<SyncReport> {
 }
 
 interface Counter {
-  /** Counts blobs stored (with their bytes, of which `resumed` came from partial downloads). */
-  add(blobs: number, bytes: number, resumed: number): void;
+  /**
+   * Counts blobs stored (with their bytes, of which `resumed` came from partial downloads); a
+   * streamed blob hands over its `streamed` bytes in the same step, so progress never dips between.
+   */
+  add(blobs: number, bytes: number, resumed: number, streamed?: number): void;
   /** Bytes received (positive) or handed over to add() or dropped (negative) of streams under way. */
   streamed(bytes: number): void;
   /** Bytes of blobs queued for transfer. */
@@ -455,9 +459,9 @@ class ClosureFetcher {
     }
     try {
       const { resumedBytes } = await this.store.writeResumable(digest, counted);
-      counter.streamed(-received);
+      const handedOver = received;
       received = 0;
-      counter.add(1, digest.sizeBytes, resumedBytes);
+      counter.add(1, digest.sizeBytes, resumedBytes, handedOver);
     } finally {
       if (received > 0) counter.streamed(-received);
     }
