@@ -98,7 +98,7 @@ async function main(argv: string[]): Promise<number> {
           .option('client-key', { type: 'string', describe: 'PEM client key for https upstreams' })
           .option('access-token', { type: 'string', describe: 'File holding a bearer token to send upstream' })
           .option('instance-name', { type: 'string', default: '', describe: 'REAPI instance name of the upstreams' })
-          .option('concurrency', { type: 'number', default: 8, describe: 'Upstream transfers in flight at once' })
+          .option('concurrency', { type: 'number', defaultDescription: "8, or the daemon's sync.concurrency", describe: 'Upstream transfers in flight at once' })
           .option('read-idle-timeout', {
             type: 'number',
             default: DEFAULT_READ_IDLE_TIMEOUT_MS / 1000,
@@ -108,7 +108,7 @@ async function main(argv: string[]): Promise<number> {
           .check((a) => {
             if (a.project !== undefined && a.target.length === 0) throw new Error('--project needs at least one --target ELEMENT.bst');
             if (a.target.length > 0 && a.project === undefined) throw new Error('--target needs --project DIR');
-            if (!Number.isInteger(a.concurrency) || a.concurrency < 1 || a.concurrency > 256) throw new Error('--concurrency must be an integer from 1 to 256');
+            if (a.concurrency !== undefined && (!Number.isInteger(a.concurrency) || a.concurrency < 1 || a.concurrency > 256)) throw new Error('--concurrency must be an integer from 1 to 256');
             if (!(a['read-idle-timeout'] > 0 && a['read-idle-timeout'] <= 3600)) throw new Error('--read-idle-timeout must be a number of seconds above 0, at most 3600');
             return true;
           }),

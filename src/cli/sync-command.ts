@@ -13,6 +13,8 @@ import { openStoreOrDaemon } from './daemon-or-store.js';
 import { formatBytes } from './format.js';
 import { formatDuration, formatOutage } from './status-format.js';
 
+const DEFAULT_CONCURRENCY = 8;
+
 export interface SyncCommandArgs {
   readonly dir: string;
   readonly upstreams: readonly UpstreamSpec[];
@@ -22,7 +24,8 @@ export interface SyncCommandArgs {
   readonly refsFiles: readonly string[];
   readonly projects: readonly ProjectSpec[];
   readonly withBuildtrees: boolean;
-  readonly concurrency: number;
+  /** Unset: 8 here, or the daemon's sync.concurrency. */
+  readonly concurrency?: number | undefined;
   readonly json: boolean;
 }
 
@@ -98,7 +101,7 @@ async function syncHere(args: SyncCommandArgs, names: string[], log: Logger, onP
   }
   const upstreams = await Promise.all(specs.map((spec) => GrpcUpstream.create(spec)));
   try {
-    const report = await syncNames({ store, upstreams, names, withBuildtrees: args.withBuildtrees, concurrency: args.concurrency, log, onProgress });
+    const report = await syncNames({ store, upstreams, names, withBuildtrees: args.withBuildtrees, concurrency: args.concurrency ?? DEFAULT_CONCURRENCY, log, onProgress });
     return { report, notes };
   } finally {
     for (const u of upstreams) u.close();

@@ -442,7 +442,7 @@ export class Daemon {
         upstreams: request.upstreams ?? set.upstreams,
         names: request.names,
         withBuildtrees: request.withBuildtrees ?? sync.withBuildtrees,
-        concurrency: sync.concurrency,
+        concurrency: request.concurrency ?? sync.concurrency,
         log: this.log,
         onProgress,
         signal,
@@ -505,13 +505,13 @@ export class Daemon {
       const upstreams: Upstream[] = [];
       try {
         for (const spec of request.upstreams) upstreams.push(await GrpcUpstream.create(spec as UpstreamSpec));
-        const result = await this.runner.request({ kind: 'cli' }, { kind: 'names', names, withBuildtrees: request.withBuildtrees, upstreams }, onProgress, signal);
+        const result = await this.runner.request({ kind: 'cli' }, { kind: 'names', names, withBuildtrees: request.withBuildtrees, upstreams, concurrency: request.concurrency }, onProgress, signal);
         return this.cliResult(result, notes);
       } finally {
         for (const u of upstreams) u.close();
       }
     }
-    const run: RunRequest = names.length > 0 || request.projects.length > 0 ? { kind: 'names', names, withBuildtrees: request.withBuildtrees } : { kind: 'configured' };
+    const run: RunRequest = names.length > 0 || request.projects.length > 0 ? { kind: 'names', names, withBuildtrees: request.withBuildtrees, concurrency: request.concurrency } : { kind: 'configured' };
     const result = await this.runner.request({ kind: 'cli' }, run, onProgress, signal);
     return this.cliResult(result, notes);
   }

@@ -14,7 +14,14 @@ export type { RunRecord, Trigger, TriggerKind } from '../control/protocol.js';
  */
 export type RunRequest =
   | { readonly kind: 'configured' }
-  | { readonly kind: 'names'; readonly names: readonly string[]; readonly withBuildtrees?: boolean | undefined; readonly upstreams?: readonly Upstream[] | undefined };
+  | {
+      readonly kind: 'names';
+      readonly names: readonly string[];
+      readonly withBuildtrees?: boolean | undefined;
+      readonly upstreams?: readonly Upstream[] | undefined;
+      /** Transfers in flight (`sync --concurrency`); the config's when unset. */
+      readonly concurrency?: number | undefined;
+    };
 
 /** The job a runner runs: resolves the selection and syncs it. */
 export type SyncJob = (
