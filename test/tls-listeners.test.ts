@@ -40,6 +40,7 @@ test('listeners: https with client certificates admits only clients holding one;
   const daemon = await Daemon.start(parseConfig(yaml, join(dir, 'mirror.yaml')), { log: silentLogger(), syncAtStart: false });
   t.after(() => daemon.stop());
   const [plain, secure] = daemon.addresses;
+  assert.deepEqual((await daemon.status()).daemon?.listen, [`${plain} (http, pull-only)`, `${secure} (https, client certificates, pull-only)`]);
   assert.ok(plain && secure);
   assert.equal((await capabilities(plain, grpc.credentials.createInsecure())).code, grpc.status.OK);
   assert.equal((await capabilities(secure, grpc.credentials.createSsl(server.cert, office.key, office.cert))).code, grpc.status.OK);

@@ -547,7 +547,12 @@ export class Daemon {
         pid: process.pid,
         startedAt: this.startedAt,
         configFile: this.options.configFile,
-        listen: this.addresses,
+        // Each address with what it serves: `0.0.0.0:11002 (https, client certificates, push)`.
+        listen: this.addresses.map((address, i) => {
+          const l = this.config.listen[i];
+          const traits = [l?.tls ? 'https' : 'http', ...(l?.tls?.clientCertsFile ? ['client certificates'] : []), ...(l?.accessTokenFile ? ['access token'] : []), l?.push ? 'push' : 'pull-only'];
+          return `${address} (${traits.join(', ')})`;
+        }),
         schedule: this.config.sync.schedule,
         nextRunAt: this.schedule?.nextDate().toMillis(),
         onMiss: this.config.sync.onMiss,
