@@ -238,6 +238,7 @@ test('every problem names its key', () => {
     ['client cert without key', 'upstreams: [{ url: "https://a:1", client-cert: c }]\n', /: upstreams\[0\]: client-cert and client-key must be given together$/],
     ['bad url', 'upstreams: [{ url: "http://a:1" }, { url: "ftp://a:1" }]\n', /: upstreams\[1\]\.url: upstream 'ftp:\/\/a:1' has scheme 'ftp'/],
     ['url with a path', 'upstreams: [{ index: "http://a:1/x", storage: "http://b:1" }]\n', /: upstreams\[0\]\.index: .*must be only a scheme, host and port \(use instance-name/],
+    ['certificates for an http upstream', 'upstreams: [{ url: "http://a:1", server-cert: ca.pem }]\n', /: upstreams\[0\]: server-cert, client-cert and client-key need https:\/\/ URLs$/],
     ['two upstreams with one name', 'upstreams: [{ url: "http://a:1" }, { url: "http://b:1", name: "http://a:1" }]\n', /: upstreams\[1\]\.name: 'http:\/\/a:1' is the name of upstreams\[0\] already/],
     ['an address listed twice', 'listen: ["127.0.0.1:11001", { address: "127.0.0.1:11001" }]\n', /: listen\[1\]\.address: 127\.0\.0\.1:11001 is listed already \(listen\[0\]\)$/],
     ['bad cron expression', 'sync: { schedule: "61 * * * *" }\n', /: sync\.schedule: '61 \* \* \* \*' is not a cron expression: Field value \(61\) is out of range$/],

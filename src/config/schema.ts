@@ -179,6 +179,7 @@ export function configSchema(configDir: string) {
         : u.url === undefined && !pair ? 'give url, or an index/storage pair (index and storage)'
         : pair && (u.index === undefined || u.storage === undefined) ? `an index/storage pair needs ${u.index === undefined ? 'index' : 'storage'} too`
         : (u['client-cert'] === undefined) !== (u['client-key'] === undefined) ? 'client-cert and client-key must be given together'
+        : (u['server-cert'] ?? u['client-cert']) !== undefined && [u.url, u.index, u.storage].some((x) => x?.startsWith('http:')) ? 'server-cert, client-cert and client-key need https:// URLs'
         : undefined;
       if (problem !== undefined) {
         ctx.issues.push({ code: 'custom', message: problem, input: u });

@@ -199,7 +199,9 @@ export class GrpcUpstream implements Upstream, UpstreamWriter {
       const [maxBatchBytes, dialect] = await Promise.all([this.batchLimit(), this.probeDialect()]);
       return { dialect, maxBatchBytes };
     } catch (err) {
-      if (!isMirrorError(err, 'UPSTREAM_UNAVAILABLE')) throw err;
+      // A TLS port refuses an h2c preface at once; a silent peer (a deadline) is no TLS server, and
+      // probing it would add the probe's own timeout to the deadline just spent.
+      if (!isMirrorError(err, 'UPSTREAM_UNAVAILABLE') || grpcCode(err.cause) === grpc.status.DEADLINE_EXCEEDED) throw err;
       for (const endpoint of new Set([this.index, this.storage])) {
         if (await endpoint.speaksTls()) {
           const https = endpoint.url.replace(/^http:/, 'https:');
