@@ -5,6 +5,7 @@ import type { OnMiss } from '../config/config.js';
 import type { MissRecord } from '../control/protocol.js';
 import { errorMessage } from '../errors.js';
 import type { MissHandler } from '../server/miss-handler.js';
+import { settlesWithin } from './within.js';
 import type { NameStatus } from '../sync/sync-job.js';
 
 /** Fetches one name's closure from the upstreams (a sync of that one name). */
@@ -123,11 +124,7 @@ export class PullThrough implements MissHandler {
   async close(graceMs = 5000): Promise<void> {
     this.closed = true;
     for (const wake of this.waiting.splice(0)) wake();
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), graceMs)));
-    const overran = await Promise.race([this.onIdle().then(() => false), late]);
-    clearTimeout(timer);
-    if (overran) this.options.log.warn({ graceMs }, 'pull-through fetches still under way at shutdown; stopping without them');
+    if (!(await settlesWithin(this.onIdle(), graceMs))) this.options.log.warn({ graceMs }, 'pull-through fetches still under way at shutdown; stopping without them');
   }
 
   /** Recorded misses a configured run should try (not yet mirrored, asked for recently, not found missing since last asked). */

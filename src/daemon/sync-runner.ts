@@ -3,6 +3,7 @@ import type { StateTable } from '../cas/state-table.js';
 import { errorMessage } from '../errors.js';
 import type { RunRecord, Trigger } from '../control/protocol.js';
 import type { Upstream } from '../remote/upstream.js';
+import { settlesWithin } from './within.js';
 import type { NameStatus, SyncProgress, SyncReport } from '../sync/sync-job.js';
 
 export type { RunRecord, Trigger, TriggerKind } from '../control/protocol.js';
@@ -162,11 +163,7 @@ export class SyncRunner {
    */
   async stop(graceMs = 10_000): Promise<void> {
     this.abort.abort(new Error('the daemon is shutting down'));
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), graceMs)));
-    const overran = await Promise.race([this.onIdle().then(() => false), late]);
-    clearTimeout(timer);
-    if (overran) this.log.warn({ graceMs }, 'a sync run (or verify) was still under way at shutdown; stopping without it');
+    if (!(await settlesWithin(this.onIdle(), graceMs))) this.log.warn({ graceMs }, 'a sync run (or verify) was still under way at shutdown; stopping without it');
   }
 
   private async drain(): Promise<void> {
