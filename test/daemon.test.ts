@@ -12,6 +12,7 @@ import { verifyStore } from '../src/cas/verify.js';
 import { loadConfig, parseConfig } from '../src/config/load.js';
 import type { RunRecord, StatusReport } from '../src/control/protocol.js';
 import { Daemon } from '../src/daemon/daemon.js';
+import type { MirrorError } from '../src/errors.js';
 import { FetchClient, PushClient } from '../src/gen/build/bazel/remote/asset/v1/remote_asset.js';
 import { ContentAddressableStorageClient, Digest as DigestMessage, Directory } from '../src/gen/build/bazel/remote/execution/v2/remote_execution.js';
 import { type Digest, digestOf, toWire } from '../src/cas/digest.js';
@@ -352,6 +353,16 @@ test('daemon: serve --config from the CLI; after kill -9 the stale control socke
   assert.equal((JSON.parse(again.stdout) as StatusReport).store.names, 1);
   second.child.kill('SIGTERM');
   assert.equal(await second.exited, 0);
+});
+
+test('daemon: a data directory too long for its control socket is refused at start, and nothing is left listening', async (t) => {
+  const dir = join(await tempDir(t), 'x'.repeat(100));
+  await assert.rejects(
+    Daemon.start(config(dir, ''), { log: silentLogger(), syncAtStart: false }),
+    (err: MirrorError) => err.code === 'CONFIG_INVALID' && /too long a path for its control socket \(\d+ bytes; at most 107\)/.test(err.message),
+  );
+  // The store was closed on the way out: a second start gets the same answer, not a lock error.
+  await assert.rejects(Daemon.start(config(dir, ''), { log: silentLogger(), syncAtStart: false }), /too long a path/);
 });
 
 test('daemon: serve --config refuses a bad file with exit 2, naming the key', async (t) => {
