@@ -85,6 +85,11 @@ test('CLI: usage and configuration errors exit 2 with a message; missing names e
   const noNames = await runCli(['sync', '--dir', dir, '--upstream', 'http://127.0.0.1:1']);
   assert.equal(noNames.code, 2);
   assert.match(noNames.stderr, /no names to sync: give --ref NAME, --refs-file FILE or --project DIR --target ELEMENT.bst/);
+  // Files named on the command line are made absolute against the CLI's directory (a running
+  // daemon opens them from its own).
+  const relativeCert = await runCli(['sync', '--dir', dir, '--upstream', 'https://127.0.0.1:1', '--server-cert', 'no-such-ca.pem', '--ref', REF]);
+  assert.equal(relativeCert.code, 2);
+  assert.ok(relativeCert.stderr.includes(`cannot read the server certificate file ${join(REPO_ROOT, 'no-such-ca.pem')}`), relativeCert.stderr);
   const badUrl = await runCli(['sync', '--dir', dir, '--upstream', 'ftp://x', '--ref', REF]);
   assert.equal(badUrl.code, 2);
   assert.match(badUrl.stderr, /only http and https/);
