@@ -365,6 +365,14 @@ test('daemon: a data directory too long for its control socket is refused at sta
   await assert.rejects(Daemon.start(config(dir, ''), { log: silentLogger(), syncAtStart: false }), /too long a path/);
 });
 
+test('daemon: sync --ref through a daemon without upstreams is a usage error, as without a daemon', async (t) => {
+  const dir = await tempDir(t);
+  await startDaemon(t, dir, '', { syncAtStart: false });
+  const result = await runCli(['sync', '--dir', dir, '--ref', REF_A]);
+  assert.equal(result.code, 2, result.stderr);
+  assert.match(result.stderr, /give --upstream URL: the daemon on .* has no upstreams configured/);
+});
+
 test('daemon: serve --config refuses a bad file with exit 2, naming the key', async (t) => {
   const dir = await tempDir(t);
   const file = join(dir, 'mirror.yaml');

@@ -144,7 +144,7 @@ async function main(argv: string[]): Promise<number> {
     )
     .command(
       'serve',
-      'Run the mirror: serve it pull-only to BuildStream 1.6 and 2.x, and (with --config) keep it fresh from its upstreams',
+      'Run the mirror: serve it to BuildStream 1.6 and 2.x (pull-only unless a listener is marked push), and (with --config) keep it fresh from its upstreams',
       (y) =>
         y
           .option('listen', { type: 'string', array: true, defaultDescription: DEFAULT_LISTEN, describe: 'HOST:PORT to listen on (port 0 picks a free port); repeat for several' })

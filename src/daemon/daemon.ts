@@ -493,6 +493,10 @@ export class Daemon {
 
   /** `sync` from the CLI: names (or projects) given once, or a run of the configured selection. */
   private async cliSync(request: ParsedSyncRequest, onProgress: (p: SyncProgress) => void, signal: AbortSignal): Promise<{ report: SyncReport; notes: string[] }> {
+    if ((request.upstreams ?? []).length === 0 && this.config.upstreams.length === 0 && (request.names.length > 0 || request.projects.length > 0)) {
+      // As without a daemon: nothing to sync from is a usage error, not every name "missing upstream".
+      throw new MirrorError('CONFIG_INVALID', `give --upstream URL: the daemon on ${this.config.dir} has no upstreams configured`);
+    }
     const names = [...request.names];
     const notes: string[] = [];
     for (const project of request.projects) {
