@@ -62,7 +62,6 @@ export class Daemon {
   private cacheWatches: LocalCacheWatch[] = [];
   private readonly importRetries = new Set<NodeJS.Timeout>();
   private upstreamSet: UpstreamSet = { configs: [], upstreams: [] };
-  /** Upstream sets replaced by a reload, closed once no run uses them. */
   /** Sets replaced by a reload, closed once no run or fetch uses them (see withUpstreams). */
   private retired: UpstreamSet[] = [];
   private readonly setUsers = new Map<UpstreamSet, number>();
