@@ -44,9 +44,10 @@ export function checkPem(file: string | undefined, pem: Buffer | undefined, what
     const text = pem.toString('utf8');
     const certificates = text.match(PEM_CERTIFICATE) ?? [];
     if (certificates.length === 0) throw new Error('no PEM certificate (-----BEGIN CERTIFICATE-----) in it');
-    // A truncated bundle would otherwise lose its last certificate without a word.
-    const begun = text.match(/-----BEGIN /g)?.length ?? 0;
-    if (begun !== certificates.length) throw new Error(`it has ${begun} PEM blocks but ${certificates.length} whole certificates: a block is cut short or is not a certificate`);
+    // A truncated bundle would otherwise lose its last certificate without a word. Other blocks
+    // (a key in a combined file, a CRL) are skipped, as OpenSSL skips them.
+    const begun = text.match(/-----BEGIN CERTIFICATE-----/g)?.length ?? 0;
+    if (begun !== certificates.length) throw new Error(`it begins ${begun} certificates but holds ${certificates.length} whole ones: a certificate is cut short`);
     for (const certificate of certificates) new X509Certificate(certificate);
   } catch (err) {
     throw new MirrorError('CONFIG_INVALID', `the ${what} file ${file} is not a PEM ${isKey ? 'private key' : 'certificate'}: ${errorMessage(err)}`, { cause: err });

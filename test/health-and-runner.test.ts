@@ -149,8 +149,17 @@ test('runner: a run of given names stops when its client goes away; a configured
   other.abort(new Error('gone'));
   await new Promise((resolve) => setImmediate(resolve));
   assert.equal(runner.running?.triggers[0]?.kind, 'cli', 'the configured run goes on');
+  // A run of names whose client leaves while it waits never runs and is not recorded.
+  const waiting = new AbortController();
+  const queued = runner.request({ kind: 'cli' }, { kind: 'names', names: ['p/q/k'] }, undefined, waiting.signal);
+  waiting.abort(new Error('the client that asked for it went away'));
+  const recorded = runs.map.size;
   await runner.stop();
   await configured;
+  const skipped = await queued;
+  assert.equal(skipped.record.outcome, 'error');
+  assert.match(skipped.record.error ?? '', /cancelled: the client that asked for it went away/);
+  assert.equal(runs.map.size, recorded + 1, 'only the configured run was recorded');
   assert.deepEqual(seen, ['names: the client that asked for it went away', 'configured: the daemon is shutting down']);
 });
 

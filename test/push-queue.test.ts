@@ -18,7 +18,7 @@ import { Artifact } from '../src/gen/buildstream/v2/artifact.js';
 import { Source } from '../src/gen/buildstream/v2/source.js';
 import { silentLogger } from '../src/log.js';
 import { localClosure } from '../src/push/push-job.js';
-import { type PushJobRecord, PushQueue, type PushTarget, pushJobKey } from '../src/push/push-queue.js';
+import { type PushJobRecord, PushQueue, type PushTarget, pushJobKey, readPushStats } from '../src/push/push-queue.js';
 import { HealthCheckedUpstream, type HealthPolicy, type HealthRecord, UpstreamHealth } from '../src/remote/health.js';
 import { isRetryable } from '../src/remote/retryable.js';
 import { GrpcUpstream, type UpstreamSpec } from '../src/remote/upstream.js';
@@ -462,6 +462,26 @@ test('a 2.x name for a ReferenceStorage upstream is dropped; a name gone from th
   assert.equal(up.refs.get(`proj/kept/${'f'.repeat(64)}`)?.hash, root.hash, 'the renamed target gets new jobs');
   assert.equal(await queue.dropFailed(), second.failed.length);
   assert.deepEqual(await queue.stats(), { depth: 0, failed: [] });
+});
+
+test('a job whose push never recorded its name (kill -9 or a failed write in between) is dropped, not failed', async (t) => {
+  const { store } = await openStore(t);
+  const up = await fake(t, 'reference-storage');
+  const targets: PushTarget[] = [await target(t, { url: up.url })];
+  const table = store.stateTable<PushJobRecord>('push-jobs');
+  const first = new PushQueue({ store, table, targets: () => targets, log, retry: FAST_RETRY });
+  await first.start();
+  const urn = refName(`proj/unnamed/${'9'.repeat(64)}`).urn;
+  await assert.rejects(first.enqueue(urn, () => Promise.reject(new Error('the disk is full'))), /the disk is full/);
+  await first.stop(1000);
+  assert.equal((await readPushStats(table)).depth, 1, 'the job was recorded before the name');
+  // The next start runs it: the name is not there, and it was never acknowledged.
+  const second = new PushQueue({ store, table, targets: () => targets, log, retry: FAST_RETRY });
+  t.after(() => second.stop(1000));
+  await second.start();
+  await second.onIdle();
+  assert.deepEqual(await second.stats(), { depth: 0, failed: [] });
+  assert.equal(up.writeLog.length, 0);
 });
 
 test('upstream writes: early committed_size is success, a short upload and a corrupt blob are final errors', async (t) => {

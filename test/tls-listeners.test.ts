@@ -77,7 +77,13 @@ test('listeners: certificate files are checked at start (exit 2 naming the file)
   await writeFile(truncated, `${server.cert.toString()}-----BEGIN CERTIFICATE-----\nMIIB\n`);
   const cut = await runCli(['serve', '--dir', dir, '--listen', '127.0.0.1:0', '--server-cert', server.certFile, '--server-key', server.keyFile, '--client-certs', truncated]);
   assert.equal(cut.code, 2);
-  assert.match(cut.stderr, /truncated\.pem is not a PEM certificate: it has 2 PEM blocks but 1 whole certificates/);
+  assert.match(cut.stderr, /truncated\.pem is not a PEM certificate: it begins 2 certificates but holds 1 whole ones/);
+  // A combined certificate-and-key file is fine: OpenSSL skips the key block, and so does the check.
+  const combined = join(dir, 'combined.pem');
+  await writeFile(combined, `${server.cert.toString()}${server.key.toString()}`);
+  const both = await runCli(['serve', '--dir', join(dir, 'combined-store'), '--listen', '127.0.0.1:0', '--server-cert', combined, '--server-key', server.keyFile, '--client-certs', '/nonexistent/bundle.pem']);
+  assert.equal(both.code, 2);
+  assert.match(both.stderr, /cannot read the client certificates file \/nonexistent\/bundle\.pem/, 'got past the combined server certificate file');
 });
 
 test('certificates expired or not yet valid are named for a start-up warning', async (t) => {

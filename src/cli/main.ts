@@ -220,10 +220,11 @@ async function main(argv: string[]): Promise<number> {
         process.stdout.write(`bst-cache-mirror serving ${config.dir} on ${first ?? ''}\n`);
         for (const address of more) process.stdout.write(`bst-cache-mirror also serving on ${address}\n`);
         // SIGHUP reloads the config, as daemons do (the file watcher does too).
-        process.on('SIGHUP', () => {
+        const reload = (): void => {
           log.info({ signal: 'SIGHUP' }, 'reloading the config');
           void daemon.reload();
-        });
+        };
+        process.on('SIGHUP', reload);
         await new Promise<void>((resolve) => {
           const stop = (signal: string): void => {
             log.info({ signal }, 'shutting down');
@@ -232,6 +233,7 @@ async function main(argv: string[]): Promise<number> {
           process.once('SIGINT', stop);
           process.once('SIGTERM', stop);
         });
+        // The SIGHUP handler stays (reload() does nothing once stopping): without one, SIGHUP would kill the process mid-shutdown.
         await daemon.stop();
         // A call stuck on a silent upstream must not keep the process alive once the daemon has stopped.
         setTimeout(() => process.exit(process.exitCode ?? 0), 1000).unref();

@@ -38,7 +38,8 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   const config = args.config;
   // Waits for a daemon that is starting, as sync and status do; without --config there is nothing to do here alone.
   const target = await openStoreOrDaemon(args.dir, log, { create: config !== undefined }).catch((err: unknown) => {
-    throw config === undefined && isMirrorError(err, 'CONFIG_INVALID') ? noDaemon() : err;
+    // No daemon and no store: say what to do. Anything else (another user's socket) as it is.
+    throw config === undefined && isMirrorError(err, 'CONFIG_INVALID') && /there is no bst-cache-mirror store/.test(err.message) ? noDaemon() : err;
   });
   if ('daemon' in target) {
     const { daemon } = target;
@@ -56,7 +57,8 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
     throw noDaemon();
   }
   const pushing = config.upstreams.filter((u) => u.push);
-  if (pushing.length === 0) {
+  // Giving failed jobs up needs no upstream (it is how jobs of an upstream that left the config go).
+  if (pushing.length === 0 && (args.from !== undefined || args.retryFailed)) {
     await store.close();
     throw new MirrorError('CONFIG_INVALID', `${args.configFile ?? 'the config'} has no upstream with push: true`);
   }
@@ -69,12 +71,15 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   });
   const queue = new PushQueue({ store, table: tables.pushJobs, targets: () => targets.map((t) => ({ name: t.name, writer: t.upstream, health: t.upstream.health })), log });
   try {
-    await queue.start();
+    // Only giving failed jobs up: the pending ones are left for the daemon, not run here.
+    if (args.from !== undefined || args.retryFailed) await queue.start();
     const report = await runPushWork({ from: args.from, names: args.refs, retryFailed: args.retryFailed, dropFailed: args.dropFailed }, store, queue, log);
     await queue.onIdle();
     const stats = await queue.stats();
-    print(report, stats, args.from, args.json, out);
+    const droppingOnly = args.from === undefined && !args.retryFailed;
+    print(report, droppingOnly ? undefined : stats, args.from, args.json, out);
     const importedAll = report.imported.every((r) => r.status === 'imported' || r.status === 'present');
+    if (droppingOnly) return 0;
     return importedAll && stats.failed.length === 0 && stats.depth === 0 ? 0 : 1;
   } finally {
     await queue.stop();

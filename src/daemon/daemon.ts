@@ -193,10 +193,11 @@ export class Daemon {
 
   /** The upstreams configured with `push: true`, named as in the config (push jobs carry that name). */
   private pushTargets(): PushTarget[] {
-    const { configs, upstreams } = this.upstreamSet;
-    return upstreams.flatMap((u, i) => {
-      const c = configs[i];
-      return c?.push ? [{ name: c.name, writer: u, health: u.health }] : [];
+    const set = this.upstreamSet;
+    return set.upstreams.flatMap((u, i) => {
+      const c = set.configs[i];
+      // Each attempt leases the set, so a reload meanwhile does not close the connection under it.
+      return c?.push ? [{ name: c.name, writer: u, health: u.health, lease: () => this.leaseSet(set) }] : [];
     });
   }
 
@@ -331,6 +332,8 @@ export class Daemon {
   async reload(): Promise<void> {
     const file = this.options.configFile;
     if (!file) return;
+    // A SIGHUP or an edit while the daemon stops changes nothing (watchers and upstreams are closing).
+    if (this.stopping) return;
     let next: Config;
     try {
       // An empty file on reload is an editor's truncate-then-write caught half way, not "every default".
@@ -342,15 +345,20 @@ export class Daemon {
       this.log.error({ err: errorMessage(err) }, 'config reload failed: keeping the running config');
       return;
     }
+    if (this.stopping) return;
     this.configError = undefined;
     const old = this.config;
-    const restartNeeded = ['dir', 'listen', 'serve', 'replicate'].filter((k) => !isDeepStrictEqual(old[k as keyof Config], next[k as keyof Config]));
+    const restartNeeded = ['dir', 'listen', 'serve', 'replicate', 'logLevel'].filter((k) => !isDeepStrictEqual(old[k as keyof Config], next[k as keyof Config]));
     if (restartNeeded.length > 0) this.log.warn({ keys: restartNeeded }, 'config reload: these keys take effect at the next restart');
     const applied: Config = { ...next, dir: old.dir, listen: old.listen, serve: old.serve, replicate: old.replicate, logLevel: old.logLevel };
     if (!isDeepStrictEqual(old.upstreams, next.upstreams) || !isDeepStrictEqual(old.health, next.health)) {
       try {
         this.config = applied;
         const fresh = await this.buildUpstreams(next.upstreams);
+        if (this.stopping) {
+          for (const u of fresh.upstreams) u.close();
+          return;
+        }
         this.retired.push(this.upstreamSet);
         this.upstreamSet = fresh;
         this.closeRetired();
@@ -368,7 +376,10 @@ export class Daemon {
       await this.applyWatches();
     }
     this.log.info({ upstreams: next.upstreams.map((u) => u.name), schedule: next.sync.schedule }, 'config reloaded');
-    if (!isDeepStrictEqual(old.sync, next.sync) || !isDeepStrictEqual(old.upstreams, next.upstreams)) void this.runner.request({ kind: 'config', detail: file });
+    if (!isDeepStrictEqual(old.sync, next.sync) || !isDeepStrictEqual(old.upstreams, next.upstreams)) {
+      // Refused once shutdown has begun; that needs no report.
+      this.runner.request({ kind: 'config', detail: file }).catch((err: unknown) => this.log.debug({ err: errorMessage(err) }, 'config run not started'));
+    }
   }
 
   /** Closes the connections of retired upstream sets that no run or fetch uses any more. */
@@ -380,17 +391,28 @@ export class Daemon {
     });
   }
 
-  /** Runs `fn` with the current upstreams, which a reload meanwhile retires but does not close under it. */
-  private async withUpstreams<T>(fn: (set: UpstreamSet) => Promise<T>): Promise<T> {
-    const set = this.upstreamSet;
+  /** Marks `set` in use until the returned release is called (once); a retired set closes when its last user releases it. */
+  private leaseSet(set: UpstreamSet): () => void {
     this.setUsers.set(set, (this.setUsers.get(set) ?? 0) + 1);
-    try {
-      return await fn(set);
-    } finally {
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
       const left = (this.setUsers.get(set) ?? 1) - 1;
       if (left === 0) this.setUsers.delete(set);
       else this.setUsers.set(set, left);
       this.closeRetired();
+    };
+  }
+
+  /** Runs `fn` with the current upstreams, which a reload meanwhile retires but does not close under it. */
+  private async withUpstreams<T>(fn: (set: UpstreamSet) => Promise<T>): Promise<T> {
+    const set = this.upstreamSet;
+    const release = this.leaseSet(set);
+    try {
+      return await fn(set);
+    } finally {
+      release();
     }
   }
 
@@ -543,7 +565,8 @@ export class Daemon {
     return {
       ...stored,
       upstreams: stored.upstreams.map((u) => {
-        const live = this.upstreamSet.upstreams[this.config.upstreams.findIndex((c) => c.name === u.name)];
+        const set = this.upstreamSet;
+        const live = set.upstreams[set.configs.findIndex((c) => c.name === u.name)];
         return live ? { ...u, ...live.health.state } : u;
       }),
       daemon: {

@@ -173,6 +173,14 @@ export class SyncRunner {
         continue;
       }
       const startedAt = this.now();
+      if (next.cancel?.aborted) {
+        // Its client went away while it waited: nothing ran, so nothing is recorded.
+        const reason = next.cancel.reason instanceof Error ? next.cancel.reason.message : 'cancelled';
+        next.resolve({
+          record: { id: 'cancelled', triggers: next.triggers, what: next.request.kind, startedAt, endedAt: startedAt, outcome: 'error', names: { mirrored: 0, present: 0, missing: 0, failed: 0 }, blobs: 0, bytes: 0, outages: [], error: `cancelled: ${reason}` },
+        });
+        continue;
+      }
       const current: Pending & { startedAt: number; progress?: SyncProgress } = Object.assign(next, { startedAt });
       this.current = current;
       const result = await this.runOne(current, startedAt);

@@ -3,7 +3,7 @@ import pRetry from 'p-retry';
 import type { Logger } from 'pino';
 import type { ContentStore } from '../cas/content-store.js';
 import type { StateTable } from '../cas/state-table.js';
-import { MirrorError, describeError } from '../errors.js';
+import { MirrorError, describeError, isMirrorError } from '../errors.js';
 import { type UpstreamHealth, isOfflineRefusal } from '../remote/health.js';
 import { isRetryable } from '../remote/retryable.js';
 import type { UpstreamWriter } from '../remote/upstream.js';
@@ -22,6 +22,11 @@ export interface PushJobRecord {
   readonly state: 'pending' | 'failed';
   readonly lastError?: string;
   readonly lastAttemptAt?: number;
+  /**
+   * false from a push listener's enqueue until its name is recorded: a job whose name never was
+   * (kill -9 in between) is dropped, while the loss of a name once acknowledged fails visibly.
+   */
+  readonly nameRecorded?: boolean;
 }
 
 /** An upstream names are replicated to (configured with `push: true`). */
@@ -31,6 +36,8 @@ export interface PushTarget {
   readonly writer: UpstreamWriter;
   /** The breaker, to wait while offline (no retry storm) */
   readonly health?: UpstreamHealth | undefined;
+  /** Holds the writer's connection open for one attempt (a config reload may retire it meanwhile); returns the release. */
+  readonly lease?: (() => () => void) | undefined;
 }
 
 export interface PushRetryPolicy {
@@ -170,12 +177,20 @@ export class PushQueue {
           queued.push(existing);
           continue;
         }
-        const record: PushJobRecord = { urn, upstream: target.name, createdAt: now, attempts: 0, state: 'pending' };
+        const record: PushJobRecord = { urn, upstream: target.name, createdAt: now, attempts: 0, state: 'pending', nameRecorded: recordName === undefined };
         if (!puts.some((p) => p.key === key)) puts.push({ type: 'put', key, value: record });
         queued.push(record);
       }
       await this.table.batch(puts);
-      await recordName?.();
+      if (recordName !== undefined) {
+        await recordName();
+        const named = puts.map((p) => ({ ...p, value: { ...p.value, nameRecorded: true } }));
+        await this.table.batch(named);
+        for (let i = 0; i < queued.length; i += 1) {
+          const q = queued[i];
+          if (q !== undefined && q.nameRecorded === false) queued[i] = { ...q, nameRecorded: true };
+        }
+      }
       for (const record of queued) this.schedule(record);
     });
   }
@@ -339,11 +354,16 @@ export class PushQueue {
           // An upstream known to be offline: wait for its probe time; no call, no attempt spent.
           await target.health?.whenAdmissible(signal);
           const at = this.now();
+          const release = target.lease?.();
           try {
             return await pushName({ store: this.store, writer: target.writer, urn, log, signal });
           } catch (err) {
+            // Never recorded (a kill -9 or a failed write between the job and its name): the client was not acknowledged and pushes again.
+            if (isMirrorError(err, 'NAME_NOT_FOUND') && job.record.nameRecorded === false) return { status: 'dropped', reason: 'the push that queued it never recorded its name' };
             if (!signal.aborted && !isOfflineRefusal(err)) await this.recordAttempt(key, job, err, at);
             throw err;
+          } finally {
+            release?.();
           }
         },
         {

@@ -214,6 +214,7 @@ export function isOfflineRefusal(err: unknown): boolean {
  */
 export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
   readonly name: string;
+  private pushAllowed = false;
 
   constructor(
     private readonly inner: Upstream,
@@ -292,16 +293,13 @@ export class HealthCheckedUpstream implements Upstream, UpstreamWriter {
   }
 
   async checkPushAllowed(): Promise<void> {
+    // Once allowed it is answered from memory, and a success from memory is no sign of contact
+    // (counting it would mark a dead upstream online at every probe and spend retries). Until
+    // then it is a real call, under the breaker like any other (one probe at a time).
+    if (this.pushAllowed) return;
     const writer = this.writer();
-    // As connect(): answered from memory once allowed, so its success is no sign of contact
-    // (counting it would mark a dead upstream online at every probe, and spend retries).
-    this.health.checkAdmissible();
-    try {
-      return await writer.checkPushAllowed();
-    } catch (err) {
-      this.health.failed(err);
-      throw err;
-    }
+    await this.guarded(() => writer.checkPushAllowed());
+    this.pushAllowed = true;
   }
 
   private writer(): UpstreamWriter {
