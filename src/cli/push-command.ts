@@ -36,6 +36,8 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   const noDaemon = (): MirrorError =>
     new MirrorError('CONFIG_INVALID', `no daemon runs on ${args.dir}: start it (serve --config FILE) and push through it, or give --config FILE to push to that config's push: true upstreams now`);
   const config = args.config;
+  // Only giving failed jobs up: no upstream is needed, and the pending jobs are left for the daemon.
+  const droppingOnly = args.from === undefined && !args.retryFailed;
   // Waits for a daemon that is starting, as sync and status do; without --config there is nothing to do here alone.
   const target = await openStoreOrDaemon(args.dir, log, { create: config !== undefined }).catch((err: unknown) => {
     // No daemon and no store: say what to do. Anything else (another user's socket) as it is.
@@ -57,8 +59,7 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
     throw noDaemon();
   }
   const pushing = config.upstreams.filter((u) => u.push);
-  // Giving failed jobs up needs no upstream (it is how jobs of an upstream that left the config go).
-  if (pushing.length === 0 && (args.from !== undefined || args.retryFailed)) {
+  if (pushing.length === 0 && !droppingOnly) {
     await store.close();
     throw new MirrorError('CONFIG_INVALID', `${args.configFile ?? 'the config'} has no upstream with push: true`);
   }
@@ -71,12 +72,10 @@ export async function runPush(args: PushCommandArgs, log: Logger, out: NodeJS.Wr
   });
   const queue = new PushQueue({ store, table: tables.pushJobs, targets: () => targets.map((t) => ({ name: t.name, writer: t.upstream, health: t.upstream.health })), log });
   try {
-    // Only giving failed jobs up: the pending ones are left for the daemon, not run here.
-    if (args.from !== undefined || args.retryFailed) await queue.start();
+    if (!droppingOnly) await queue.start();
     const report = await runPushWork({ from: args.from, names: args.refs, retryFailed: args.retryFailed, dropFailed: args.dropFailed }, store, queue, log);
     await queue.onIdle();
     const stats = await queue.stats();
-    const droppingOnly = args.from === undefined && !args.retryFailed;
     print(report, droppingOnly ? undefined : stats, args.from, args.json, out);
     const importedAll = report.imported.every((r) => r.status === 'imported' || r.status === 'present');
     if (droppingOnly) return 0;

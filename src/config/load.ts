@@ -19,13 +19,16 @@ export interface ConfigOverrides {
 
 /** Reads and validates a config file; every problem is a MirrorError('CONFIG_INVALID') naming the file. */
 export async function loadConfig(file: string, overrides: ConfigOverrides = {}): Promise<Config> {
-  let text: string;
+  return parseConfig(await readConfigText(file), file, overrides);
+}
+
+/** The text of a config file; an unreadable one is CONFIG_INVALID naming it. */
+export async function readConfigText(file: string): Promise<string> {
   try {
-    text = await readFile(file, 'utf8');
+    return await readFile(file, 'utf8');
   } catch (err) {
     throw new MirrorError('CONFIG_INVALID', `${file}: cannot read the config file: ${errorMessage(err)}`, { cause: err });
   }
-  return parseConfig(text, file, overrides);
 }
 
 /**

@@ -98,6 +98,23 @@ function checked(check: (value: string) => void, reword: (message: string) => st
  * The schema of the whole document. Paths in it (data directory, certificates, refs files,
  * projects) are resolved against `configDir`, the directory of the config file.
  */
+/**
+ * A list refinement: an entry whose `key` (undefined: not checked) an earlier entry already has is
+ * an issue at `[i, field]`, with `message(key, index of the first)`.
+ */
+function noDuplicates<T>(field: string, key: (entry: T) => string | undefined, message: (key: string, first: number) => string) {
+  return (entries: readonly T[], ctx: z.RefinementCtx): void => {
+    const firstAt = new Map<string, number>();
+    entries.forEach((entry, i) => {
+      const k = key(entry);
+      if (k === undefined) return;
+      const first = firstAt.get(k);
+      if (first === undefined) firstAt.set(k, i);
+      else ctx.addIssue({ code: 'custom', path: [i, field], message: message(k, first) });
+    });
+  };
+}
+
 export function configSchema(configDir: string) {
   const path = z.string().min(1, { error: 'must not be empty' }).transform((p) => resolve(configDir, p));
   const url = checked((u) => void parseUpstreamUrl(u), (m) => m.replace('--instance-name', 'instance-name'));
@@ -259,23 +276,14 @@ export function configSchema(configDir: string) {
         listen: z
           .array(listener)
           .min(1, { error: 'give at least one address' })
-          .superRefine((listeners, ctx) => {
-            listeners.forEach((l, i) => {
-              const first = listeners.findIndex((o) => o.address === l.address);
-              if (first < i && !l.address.endsWith(':0')) ctx.addIssue({ code: 'custom', path: [i, 'address'], message: `${l.address} is listed already (listen[${first}])` });
-            });
-          })
+          // Port 0 picks a free port each time, so it may repeat.
+          .superRefine(noDuplicates('address', (l) => (l.address.endsWith(':0') ? undefined : l.address), (address, first) => `${address} is listed already (listen[${first}])`))
           .default([{ address: DEFAULT_LISTEN, push: false }]),
         serve,
         upstreams: z
           .array(upstream)
-          .superRefine((upstreams, ctx) => {
-            // The name keys health records and push jobs: two upstreams may not share one.
-            upstreams.forEach((u, i) => {
-              const first = upstreams.findIndex((o) => o.name === u.name);
-              if (first < i) ctx.addIssue({ code: 'custom', path: [i, 'name'], message: `'${u.name}' is the name of upstreams[${first}] already: give each upstream its own name` });
-            });
-          })
+          // The name keys health records and push jobs: two upstreams may not share one.
+          .superRefine(noDuplicates('name', (u) => u.name, (name, first) => `'${name}' is the name of upstreams[${first}] already: give each upstream its own name`))
           .default([]),
         sync,
         health,

@@ -1,4 +1,3 @@
-import { readFile } from 'node:fs/promises';
 import { isDeepStrictEqual } from 'node:util';
 import { CronJob } from 'cron';
 import type { Logger } from 'pino';
@@ -6,7 +5,7 @@ import { DiskContentStore } from '../cas/disk-store.js';
 import { parseUserName } from '../cas/names.js';
 import { type VerifyReport, verifyStore } from '../cas/verify.js';
 import type { Config, ListenerConfig, UpstreamConfig } from '../config/config.js';
-import { type ConfigOverrides, loadConfig } from '../config/load.js';
+import { type ConfigOverrides, parseConfig, readConfigText } from '../config/load.js';
 import type { PushReport, StatusReport, Trigger } from '../control/protocol.js';
 import { type ControlHandlers, ControlServer, type ParsedPushRequest, type ParsedSyncRequest } from '../control/server.js';
 import { MirrorError, errorMessage } from '../errors.js';
@@ -337,8 +336,9 @@ export class Daemon {
     let next: Config;
     try {
       // An empty file on reload is an editor's truncate-then-write caught half way, not "every default".
-      if ((await readFile(file, 'utf8').catch(() => 'unreadable')).trim() === '') throw new MirrorError('CONFIG_INVALID', `${file}: the file is empty`);
-      const loaded = await loadConfig(file, this.options.overrides);
+      const text = await readConfigText(file);
+      if (text.trim() === '') throw new MirrorError('CONFIG_INVALID', `${file}: the file is empty`);
+      const loaded = parseConfig(text, file, this.options.overrides);
       next = this.options.withFlags ? this.options.withFlags(loaded) : loaded;
     } catch (err) {
       this.configError = { at: Date.now(), message: errorMessage(err) };

@@ -28,6 +28,8 @@ const MAX_PENDING_FETCHES = 256;
 const MAX_RECORDED_MISSES = 10_000;
 /** Recorded misses are dropped once they have not been asked for in this long. */
 const MISS_RECORD_TTL_MS = 7 * 86_400_000;
+/** Names kept in the negative cache: about 10 MB of URNs. */
+const MAX_KNOWN_MISSING = 50_000;
 
 /**
  * Pull-through on miss. With `fetch`, the first request for a missing name starts that name's
@@ -36,9 +38,6 @@ const MISS_RECORD_TTL_MS = 7 * 86_400_000;
  * does not have are remembered until the next completed sync run (negative cache), so they cost
  * no WAN round trip per request. With `record`, misses are only recorded; with `off`, ignored.
  */
-/** Names kept in the negative cache: about 10 MB of URNs. */
-const MAX_KNOWN_MISSING = 50_000;
-
 export class PullThrough implements MissHandler {
   private readonly fetching = new Map<string, Promise<boolean>>();
   /** Names upstream said it lacks, until the next completed configured run (at most MAX_KNOWN_MISSING, oldest dropped first). */
@@ -119,7 +118,6 @@ export class PullThrough implements MissHandler {
     while (this.fetching.size > 0) await Promise.allSettled([...this.fetching.values()]);
   }
 
-  /** Starts no more fetches; waits for those under way. */
   /** Refuses new fetches and waits up to `graceMs` for those under way (the daemon aborts their signal first). */
   async close(graceMs = 5000): Promise<void> {
     this.closed = true;

@@ -49,6 +49,11 @@ interface Pending {
 
 const KEEP_RUNS = 200;
 
+/** The record of a run that failed as a whole (or never ran): no names, no bytes, its error. */
+function failedRun(base: Pick<RunRecord, 'id' | 'triggers' | 'what' | 'startedAt' | 'endedAt'>, error: string): RunRecord {
+  return { ...base, outcome: 'error', names: { mirrored: 0, present: 0, missing: 0, failed: 0 }, blobs: 0, bytes: 0, outages: [], error };
+}
+
 function perUpstream(report: SyncReport): NonNullable<RunRecord['upstreams']> {
   const by = new Map<string, { upstream: string; names: number; unreachable?: string }>();
   for (const r of report.results) {
@@ -176,9 +181,7 @@ export class SyncRunner {
       if (next.cancel?.aborted) {
         // Its client went away while it waited: nothing ran, so nothing is recorded.
         const reason = next.cancel.reason instanceof Error ? next.cancel.reason.message : 'cancelled';
-        next.resolve({
-          record: { id: 'cancelled', triggers: next.triggers, what: next.request.kind, startedAt, endedAt: startedAt, outcome: 'error', names: { mirrored: 0, present: 0, missing: 0, failed: 0 }, blobs: 0, bytes: 0, outages: [], error: `cancelled: ${reason}` },
-        });
+        next.resolve({ record: failedRun({ id: 'cancelled', triggers: next.triggers, what: next.request.kind, startedAt, endedAt: startedAt }, `cancelled: ${reason}`) });
         continue;
       }
       const current: Pending & { startedAt: number; progress?: SyncProgress } = Object.assign(next, { startedAt });
@@ -224,7 +227,7 @@ export class SyncRunner {
         notes: out.notes.length > 0 ? out.notes : undefined,
       };
     } catch (err) {
-      record = { ...base(), outcome: 'error', names: { mirrored: 0, present: 0, missing: 0, failed: 0 }, blobs: 0, bytes: 0, outages: [], error: errorMessage(err) };
+      record = failedRun(base(), errorMessage(err));
     }
     const level = record.outcome === 'ok' ? 'info' : 'warn';
     this.log[level]({ run: id, outcome: record.outcome, names: record.names, blobs: record.blobs, bytes: record.bytes, outages: record.outages, error: record.error }, 'sync run ended');

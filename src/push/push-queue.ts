@@ -164,7 +164,7 @@ export class PushQueue {
     await this.serial(async () => {
       const now = this.now();
       const puts: { type: 'put'; key: string; value: PushJobRecord }[] = [];
-      const queued: PushJobRecord[] = [];
+      let queued: PushJobRecord[] = [];
       for (const target of targets) {
         const key = pushJobKey(target.name, urn);
         const live = this.jobs.get(key);
@@ -184,12 +184,8 @@ export class PushQueue {
       await this.table.batch(puts);
       if (recordName !== undefined) {
         await recordName();
-        const named = puts.map((p) => ({ ...p, value: { ...p.value, nameRecorded: true } }));
-        await this.table.batch(named);
-        for (let i = 0; i < queued.length; i += 1) {
-          const q = queued[i];
-          if (q !== undefined && q.nameRecorded === false) queued[i] = { ...q, nameRecorded: true };
-        }
+        await this.table.batch(puts.map((p) => ({ ...p, value: { ...p.value, nameRecorded: true } })));
+        queued = queued.map((q) => (q.nameRecorded === false ? { ...q, nameRecorded: true } : q));
       }
       for (const record of queued) this.schedule(record);
     });

@@ -104,7 +104,7 @@ export interface UpstreamWriter {
    * all, so a pull-only one fails a job before its closure is uploaded: ReferenceStorage.Status
    * (`allow_updates`) for 1.x, an empty PushBlob for Remote Asset (INVALID_ARGUMENT: push is
    * there; UNIMPLEMENTED or PERMISSION_DENIED: it is not). A refusal is final (PERMISSION_DENIED
-   * in its cause); only success is remembered.
+   * in its cause). Asked on every call; HealthCheckedUpstream remembers a success.
    */
   checkPushAllowed(): Promise<void>;
 }
@@ -155,8 +155,6 @@ const DEFAULT_MAX_BATCH_BYTES = 1 << 20;
 export class GrpcUpstream implements Upstream, UpstreamWriter {
   readonly name: string;
   private info: Promise<UpstreamInfo> | undefined;
-  /** The upstream answered that it takes pushes (checkPushAllowed); a refusal is asked again next time. */
-  private pushAllowed = false;
 
   private constructor(
     /** Where names are resolved. */
@@ -462,7 +460,6 @@ export class GrpcUpstream implements Upstream, UpstreamWriter {
   }
 
   async checkPushAllowed(): Promise<void> {
-    if (this.pushAllowed) return;
     const { dialect } = await this.connect();
     const { index } = this;
     if (dialect === 'reference-storage') {
@@ -486,7 +483,6 @@ export class GrpcUpstream implements Upstream, UpstreamWriter {
         if (grpcCode(err) !== grpc.status.INVALID_ARGUMENT) throw index.wrap(err, 'PushBlob probe (does it take pushes?)');
       }
     }
-    this.pushAllowed = true;
   }
 
   async setName(name: MirrorName, record: NameRecord): Promise<void> {

@@ -107,12 +107,16 @@ export class PushIntake {
    * FAILED-style CLOSURE_INCOMPLETE, nothing recorded), then hands each to the sink.
    */
   async recordNames(names: readonly MirrorName[], digest: Digest, referenced: { blobs: readonly Digest[]; directories: readonly Digest[] }, peer: string): Promise<void> {
+    // The names' own blob, read once for every name and for each closure check.
+    let ownBytes: Promise<Buffer | undefined> | undefined;
+    const ownBlob = (): Promise<Buffer | undefined> => (ownBytes ??= this.store.readBytes(digest));
+    const read = (d: Digest): Promise<Buffer | undefined> => (digestKey(d) === digestKey(digest) ? ownBlob() : this.store.readBytes(d)).catch(() => undefined);
     for (const name of names) {
       const type = isDirectoryName(name.kind) ? 'directory' : 'blob';
       let roots = { blobs: [...referenced.blobs], directories: [...referenced.directories] };
       if (type === 'blob') {
         if (isEmptyDigest(digest)) throw new MirrorError('INVALID_ARGUMENT', `'${name.urn}' cannot point at the empty blob`);
-        const data = await this.store.readBytes(digest);
+        const data = await ownBlob();
         if (data === undefined) throw new MirrorError('CLOSURE_INCOMPLETE', `'${name.urn}': blob ${digestKey(digest)} is not in the mirror; upload it first`);
         // What the name needs is what its proto says, whatever references the client listed.
         const own = name.kind === 'artifact' ? artifactRoots(data, digest, true) : sourceRoots(data, digest);
@@ -120,11 +124,10 @@ export class PushIntake {
       } else {
         // A root that is not a Directory is the client's mistake (INVALID_ARGUMENT), not a closure still uploading.
         checkMessageSize(digest, 'Directory');
-        const data = await this.store.readBytes(digest);
+        const data = await ownBlob();
         if (data !== undefined) decodeDirectory(data, digest);
       }
       const record: NameRecord = { type, digest, referencedBlobs: roots.blobs, referencedDirectories: roots.directories, upstream: `push from ${peer}`, fetchedAt: Date.now() };
-      const read = (d: Digest) => this.store.readBytes(d).catch(() => undefined);
       const problem = await closureProblem(name.urn, record, read, (ds) => this.store.findMissing(ds));
       if (problem !== undefined) throw new MirrorError('CLOSURE_INCOMPLETE', `'${name.urn}' not recorded: ${problem}; upload every blob it needs first`);
       await this.sink.namePushed(name.urn, () => this.store.putName(name.urn, record));
